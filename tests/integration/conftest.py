@@ -1,0 +1,59 @@
+"""One real local platform per test session: a multi-node Ray cluster (`ray start` processes,
+one node per pool, token auth on) and an MLflow tracking server, on free loopback ports, in a
+temporary state folder; stopped (by pid) when the session ends.
+
+Serve on this cluster: several Ray nodes share one host, so an app must run its HTTP proxy
+on the head only (`http_options: {host: 127.0.0.1, port: local_cluster.ports["serve"],
+proxy_location: HeadOnly}`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raycluster.local import DEFAULT_PORTS, LocalCluster, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def local_cluster(tmp_path_factory: pytest.TempPathFactory):
+    state_dir = tmp_path_factory.mktemp("rayplane-state")
+    ports = {name: free_port() for name in DEFAULT_PORTS}
+    cluster = LocalCluster(state_dir=state_dir, ports=ports)
+    try:
+        cluster.up(timeout=240)
+    except BaseException:
+        cluster.down()
+        raise
+    try:
+        yield cluster
+    finally:
+        cluster.down()
+
+
+@pytest.fixture(scope="session")
+def cluster_env(local_cluster: LocalCluster) -> dict[str, str]:
+    """Environment for subprocesses that talk to the cluster (ray job submit, SDKs)."""
+    env = dict(os.environ)
+    env.update(local_cluster.env())
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def ray_job_submit(env: dict[str, str], *entrypoint: str, resources: dict | None = None,
+                   timeout: float = 600, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir <repo>` of ``entrypoint``, waiting for it to finish."""
+    import json
+
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--working-dir", str(REPO)]
+    if resources:
+        cmd += ["--entrypoint-resources", json.dumps(resources)]
+    cmd += [*extra, "--", *entrypoint]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO)
