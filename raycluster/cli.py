@@ -23,7 +23,8 @@ app = typer.Typer(name="rayplane", no_args_is_help=True, add_completion=False,
 pools_app = typer.Typer(no_args_is_help=True, help="The pool catalog.")
 app.add_typer(pools_app, name="pools")
 
-console = Console()
+# Piped output (scripts, CI logs) gets wide lines rather than a table squeezed to 80 columns.
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True)
 
 CatalogOpt = Annotated[Optional[Path], typer.Option("--catalog", "-c",

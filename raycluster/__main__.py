@@ -1,0 +1,3 @@
+from raycluster.cli import main
+
+main()
