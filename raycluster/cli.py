@@ -89,7 +89,7 @@ def pools_show(catalog_file: CatalogOpt = None,
 
 def main() -> None:
     """Console-script entry: user errors are one line on stderr and exit code 2."""
-    from raycluster import local  # noqa: F401  (registers up/down/status/env)
+    from raycluster import demo, local  # noqa: F401  (register up/down/status/env/demo)
 
     _register_optional_groups()
     try:

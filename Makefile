@@ -1,0 +1,47 @@
+# rayplane: `make demo` runs the main job on the local platform, `make test` runs the tests.
+# Both set everything up on a fresh machine: uv (in .tools/), the locked environment (.venv/,
+# torch's CPU build from the folder PIP_FIND_LINKS names) and the system services tests need.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+UV_VERSION := 0.13.8
+UV := .tools/bin/uv
+FIND_LINKS ?= $(or $(PIP_FIND_LINKS),/opt/wheels)
+VENV := .venv
+PYTEST_ARGS ?=
+
+.PHONY: env demo test test-unit test-integration down status lint clean
+
+$(UV):
+	$(PYTHON) -m venv .tools
+	.tools/bin/pip install --quiet "uv==$(UV_VERSION)"
+
+$(VENV)/.synced: $(UV) pyproject.toml uv.lock
+	$(UV) sync --locked --extra cpu --extra dev --find-links "$(FIND_LINKS)"
+	touch $@
+
+env: $(VENV)/.synced
+
+demo: env
+	$(VENV)/bin/rayplane demo
+
+down: env
+	$(VENV)/bin/rayplane down
+
+status: env
+	$(VENV)/bin/rayplane status
+
+test: env
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-unit: env
+	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: env
+	$(VENV)/bin/pytest tests/integration $(PYTEST_ARGS)
+
+lint: env
+	$(VENV)/bin/ruff check raycluster train serve agents tests
+
+clean:
+	rm -rf .tools $(VENV) .pytest_cache
