@@ -44,7 +44,7 @@ def ray_job_submit(cluster: LocalCluster, entrypoint: list[str],
             text = line.rstrip()
             # The job's own output; Ray's timestamped INFO lines about the submission are noise.
             if text and (not text.startswith("20") or "RAYPLANE" in text):
-                console.print(f"  [dim]{text}[/dim]", highlight=False, markup=False)
+                console.print(f"  {text}", style="dim", highlight=False, markup=False)
             if time.monotonic() > deadline:
                 proc.kill()
                 raise UserError(f"job {' '.join(entrypoint)} took longer than {timeout:.0f}s")
