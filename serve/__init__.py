@@ -1,1 +1,7 @@
-"""placeholder"""
+"""The OpenAI-compatible Ray Serve application: a serve config (``ServeAppConfig``) renders the
+Ray Serve config that ``serve deploy`` and a KubeRay RayService take; the app routes OpenAI
+requests to a CPU engine (torch + transformers) locally or to vLLM on the GPU pools."""
+
+from serve.config import ApiKeys, Autoscaling, EngineKind, ModelSpec, ServeAppConfig
+
+__all__ = ["ApiKeys", "Autoscaling", "EngineKind", "ModelSpec", "ServeAppConfig"]

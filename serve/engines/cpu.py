@@ -1,0 +1,406 @@
+"""The CPU engine: PyTorch + ``transformers`` with a KV cache and continuous batching.
+
+One asyncio task per engine runs an iteration loop (the scheme vLLM and TGI use, here on
+``transformers``' own model and ``DynamicCache``):
+
+- every iteration admits waiting requests up to ``max_num_seqs`` running sequences, prefills
+  them together (left-padded, one forward pass) and merges their KV cache into the running
+  batch (left-padding the shorter of the two), so a request joins at the next token boundary
+  instead of waiting for the batch to drain;
+- one decode forward pass then produces the next token of every running sequence, each
+  sampled with its own temperature / top_p / seed;
+- finished and cancelled sequences leave the batch at once (their KV rows are dropped and the
+  all-padding columns trimmed), so a client that disconnects frees its slot.
+
+The forward pass runs on one worker thread (torch releases the GIL), so the replica's event
+loop keeps streaming tokens and accepting requests while the model computes. Text is
+detokenized here, with stop strings and incomplete UTF-8 held back, so every yielded
+:class:`~serve.engines.base.Delta` is final.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from serve.engines.base import Delta, EngineError, EngineOverloaded, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Seq:
+    """One sequence (one OpenAI choice) inside the engine."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    queue: asyncio.Queue
+    generator: object  # torch.Generator
+    arrival: float = field(default_factory=time.perf_counter)
+    output_ids: list[int] = field(default_factory=list)
+    sent_chars: int = 0
+    first_token_s: float | None = None
+    finished: bool = False
+    aborted: bool = False
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    finished: int
+    aborted: int
+    generated_tokens: int
+    steps: int
+
+
+class CPUEngine:
+    """Continuous-batching generation for one Hugging Face causal LM folder on CPU.
+
+    ``max_num_seqs`` caps the sequences decoded together (vLLM's name); ``max_waiting`` caps
+    the queue behind them, beyond which :class:`EngineOverloaded` (503 + Retry-After) is
+    raised instead of letting latency grow without bound.
+    """
+
+    def __init__(self, model_dir: str | Path, *, max_num_seqs: int = 16,
+                 max_model_len: int | None = None, max_waiting: int | None = None,
+                 num_threads: int | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        self.model_dir = Path(model_dir)
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        self.model.eval()
+        eos: set[int] = set()
+        try:
+            gen = GenerationConfig.from_pretrained(self.model_dir)
+            ids = gen.eos_token_id
+            eos.update(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+        except OSError:  # no generation_config.json: the tokenizer's EOS is the contract
+            pass
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = eos
+        self.pad_token_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+                             else next(iter(eos), 0))
+        cfg = self.model.config
+        n_ctx = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        self.context_length = int(n_ctx or 2048)
+        self.max_model_len = min(self.context_length, max_model_len or self.context_length)
+        self.max_num_seqs = max_num_seqs
+        self.max_waiting = max_waiting if max_waiting is not None else 8 * max_num_seqs
+        self._torch = torch
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="cpu-engine")
+        self._waiting: collections.deque[_Seq] = collections.deque()
+        # Batch state, owned by the step thread between admissions.
+        self._rows: list[_Seq] = []
+        self._cache = None
+        self._mask = None  # [B, T] 1 = real token, 0 = left padding
+        self._pos = None  # [B] position id of the next token
+        self._last = None  # [B] last sampled token
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._finished = self._aborted = self._generated = self._steps = 0
+
+    # -- public --------------------------------------------------------------------------
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def stats(self) -> EngineStats:
+        return EngineStats(running=sum(not s.finished for s in self._rows),
+                           waiting=len(self._waiting), finished=self._finished,
+                           aborted=self._aborted, generated_tokens=self._generated,
+                           steps=self._steps)
+
+    def check(self, prompt_ids: list[int], params: SamplingParams,
+              max_tokens_param: str = "max_tokens") -> int:
+        """Refuse what cannot run (400) and return the sequence's token budget."""
+        n = len(prompt_ids)
+        if n == 0:
+            raise EngineError("the prompt is empty", param="prompt")
+        if n >= self.max_model_len:
+            raise EngineError(
+                f"This model's maximum context length is {self.max_model_len} tokens; the "
+                f"prompt has {n} tokens, leaving no room to generate", param="messages",
+                code="context_length_exceeded")
+        room = self.max_model_len - n
+        if params.max_tokens is None:
+            return room
+        if params.max_tokens > room:
+            raise EngineError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {n + params.max_tokens} tokens ({n} in the messages, "
+                f"{params.max_tokens} in the completion). Please reduce the length of the "
+                "messages or completion.", param=max_tokens_param,
+                code="context_length_exceeded")
+        return params.max_tokens
+
+    def ensure_capacity(self, sequences: int = 1) -> None:
+        """Refuse (503 + Retry-After) when the queue cannot take ``sequences`` more."""
+        if len(self._waiting) + sequences > self.max_waiting:
+            raise EngineOverloaded(f"the engine has {len(self._waiting)} sequences waiting "
+                                   f"(max_waiting {self.max_waiting}); retry shortly")
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str = "", *, max_tokens: int | None = None
+                       ) -> AsyncIterator[Delta]:
+        """Yield deltas of one sequence until it finishes. Closing the generator early (the
+        client went away, the task was cancelled) removes the sequence from the batch."""
+        budget = max_tokens if max_tokens is not None else self.check(prompt_ids, params)
+        self.ensure_capacity()
+        gen = self._torch.Generator()
+        gen.manual_seed(params.seed if params.seed is not None
+                        else int.from_bytes(os.urandom(8), "little") >> 1)
+        seq = _Seq(request_id=request_id, prompt_ids=list(prompt_ids), params=params,
+                   max_tokens=budget, queue=asyncio.Queue(), generator=gen)
+        self._ensure_loop()
+        self._waiting.append(seq)
+        assert self._wake is not None
+        self._wake.set()
+        try:
+            while True:
+                delta = await seq.queue.get()
+                # A reader slower than the engine gets everything produced since its last
+                # read in one delta: streaming never falls behind generation.
+                while not isinstance(delta, EngineErrorDelta) and not seq.queue.empty():
+                    nxt = seq.queue.get_nowait()
+                    delta = nxt if isinstance(nxt, EngineErrorDelta) else delta.merge(nxt)
+                if isinstance(delta, EngineErrorDelta):
+                    raise EngineError(f"generation failed: {delta.error}", status=500,
+                                      type="internal_server_error", code="engine_error")
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+        finally:
+            if not seq.finished:
+                seq.aborted = True
+                self._aborted += 1
+                try:
+                    self._waiting.remove(seq)
+                except ValueError:
+                    pass
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- the iteration loop ------------------------------------------------------------------
+
+    def _ensure_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._loop is not loop:
+            self._loop = loop
+            self._wake = asyncio.Event()
+            self._task = loop.create_task(self._run(), name="cpu-engine-loop")
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._wake is not None
+        while True:
+            if not self._rows and not self._waiting:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            admitted: list[_Seq] = []
+            while self._waiting and len(self._rows) + len(admitted) < self.max_num_seqs:
+                seq = self._waiting.popleft()
+                if not seq.aborted:
+                    admitted.append(seq)
+            try:
+                results = await loop.run_in_executor(self._executor, self._step, admitted)
+            except Exception as err:
+                logger.exception("engine step failed")
+                failed = [s for s in self._rows + admitted if not s.finished]
+                self._reset_batch()
+                for s in failed:
+                    s.finished = True
+                    s.queue.put_nowait(EngineErrorDelta(err))
+                continue
+            for seq, delta in results:
+                if delta is not None and not seq.aborted:
+                    seq.queue.put_nowait(delta)
+
+    def _step(self, admitted: list[_Seq]) -> list[tuple[_Seq, Delta | None]]:
+        """One iteration on the worker thread: decode the running batch, prefill the admitted."""
+        torch = self._torch
+        out: list[tuple[_Seq, Delta | None]] = []
+        with torch.inference_mode():
+            self._drop([i for i, s in enumerate(self._rows) if s.finished or s.aborted])
+            if self._rows:
+                attn = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=1)
+                logits = self.model(input_ids=self._last[:, None], attention_mask=attn,
+                                    position_ids=self._pos[:, None],
+                                    past_key_values=self._cache, use_cache=True).logits[:, -1]
+                self._mask = attn
+                self._pos = self._pos + 1
+                tokens = self._sample(logits, self._rows)
+                self._last = torch.tensor(tokens)
+                out += [(s, self._advance(s, t)) for s, t in zip(self._rows, tokens)]
+            if admitted:
+                cache, mask, pos, logits = self._prefill(admitted)
+                tokens = self._sample(logits, admitted)
+                out += [(s, self._advance(s, t)) for s, t in zip(admitted, tokens)]
+                self._merge(cache, mask, pos, torch.tensor(tokens), admitted)
+            self._drop([i for i, s in enumerate(self._rows) if s.finished or s.aborted])
+            self._steps += 1
+        return out
+
+    # -- batch state ---------------------------------------------------------------------
+
+    def _prefill(self, seqs: list[_Seq]):
+        torch = self._torch
+        from transformers import DynamicCache
+
+        width = max(len(s.prompt_ids) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            n = len(s.prompt_ids)
+            ids[i, width - n:] = torch.tensor(s.prompt_ids)
+            mask[i, width - n:] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                            past_key_values=cache, use_cache=True).logits[:, -1]
+        return cache, mask, mask.sum(-1), logits
+
+    def _merge(self, cache, mask, pos, last, seqs: list[_Seq]) -> None:
+        torch = self._torch
+        if not self._rows:
+            self._cache, self._mask, self._pos, self._last = cache, mask, pos, last
+            self._rows = list(seqs)
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+
+        def left_pad(t, dim: int):
+            missing = width - t.shape[dim]
+            if missing == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for old, new in zip(self._cache.layers, cache.layers):
+            old.keys = torch.cat([left_pad(old.keys, 2), left_pad(new.keys, 2)], dim=0)
+            old.values = torch.cat([left_pad(old.values, 2), left_pad(new.values, 2)], dim=0)
+        self._mask = torch.cat([left_pad(self._mask, 1), left_pad(mask, 1)], dim=0)
+        self._pos = torch.cat([self._pos, pos])
+        self._last = torch.cat([self._last, last])
+        self._rows += seqs
+
+    def _drop(self, rows: list[int]) -> None:
+        if not rows:
+            return
+        torch = self._torch
+        keep = [i for i in range(len(self._rows)) if i not in set(rows)]
+        if not keep:
+            self._reset_batch()
+            return
+        index = torch.tensor(keep)
+        mask = self._mask[index]
+        # Columns that are padding in every remaining row are dead weight: trim them.
+        start = int((mask.sum(0) > 0).nonzero()[0])
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+        self._mask = mask[:, start:]
+        self._pos = self._pos[index]
+        self._last = self._last[index]
+        self._rows = [self._rows[i] for i in keep]
+
+    def _reset_batch(self) -> None:
+        self._rows, self._cache, self._mask, self._pos, self._last = [], None, None, None, None
+
+    # -- sampling and detokenization -------------------------------------------------------
+
+    def _sample(self, logits, seqs: list[_Seq]) -> list[int]:
+        torch = self._torch
+        logits = logits.float()
+        tokens = logits.argmax(-1).tolist()
+        for i, s in enumerate(seqs):
+            p = s.params
+            if p.greedy:
+                continue
+            row = logits[i] / p.temperature
+            if p.top_p < 1.0:
+                sorted_logits, order = row.sort(descending=True)
+                probs = sorted_logits.softmax(-1)
+                # keep the smallest prefix whose mass reaches top_p (always the top token)
+                drop = (probs.cumsum(-1) - probs) > p.top_p
+                sorted_logits[drop] = float("-inf")
+                row = torch.full_like(row, float("-inf")).scatter(0, order, sorted_logits)
+            tokens[i] = int(torch.multinomial(row.softmax(-1), 1, generator=s.generator))
+        return tokens
+
+    def _advance(self, s: _Seq, token: int) -> Delta:
+        s.output_ids.append(token)
+        self._generated += 1
+        if s.first_token_s is None:
+            s.first_token_s = time.perf_counter() - s.arrival
+        finish = None
+        ids = s.output_ids
+        if token in self.eos_token_ids and not s.params.ignore_eos:
+            finish = "stop"
+            ids = ids[:-1]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if finish is None and s.params.stop:
+            # Only text after what was already sent can hold a new stop string.
+            hits = [k for k in (text.find(stop, max(0, s.sent_chars - len(stop) + 1))
+                                for stop in s.params.stop) if k >= 0]
+            if hits:
+                text = text[:min(hits)]
+                finish = "stop"
+        if finish is None and (len(s.output_ids) >= s.max_tokens
+                               or len(s.prompt_ids) + len(s.output_ids) >= self.max_model_len):
+            finish = "length"
+        upto = len(text)
+        if finish is None:
+            while upto > s.sent_chars and text[upto - 1] == "\ufffd":
+                upto -= 1  # an incomplete UTF-8 character: wait for its other bytes
+            upto -= _held_for_stop(text[:upto], s.params.stop)
+        new_text = text[s.sent_chars:upto] if upto > s.sent_chars else ""
+        s.sent_chars = max(s.sent_chars, upto)
+        if finish is not None:
+            s.finished = True
+            self._finished += 1
+        return Delta(text=new_text, token_ids=[token], finish_reason=finish,
+                     prompt_tokens=len(s.prompt_ids), completion_tokens=len(s.output_ids),
+                     first_token_s=s.first_token_s if len(s.output_ids) == 1 else None)
+
+
+def _held_for_stop(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of ``text`` that could still grow into a stop string."""
+    held = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:k]):
+                held = k
+                break
+    return held
+
+
+class EngineErrorDelta(Delta):
+    """Put on a sequence's queue when its step failed; ``generate`` raises it as a 500."""
+
+    def __init__(self, err: Exception):
+        super().__init__(finish_reason="error")
+        self.error = err
+
+
+__all__ = ["CPUEngine", "EngineStats"]

@@ -1,0 +1,267 @@
+"""OpenAI request and response models (the subset rayplane serves), after vLLM's
+``entrypoints/openai/protocol.py``.
+
+Requests accept fields they do not know -- OpenAI clients send new ones all the time -- and
+the server logs them (:func:`unknown_fields`) instead of refusing or silently dropping them.
+Known fields are validated with OpenAI's documented ranges, so a bad value is a 400 that names
+the parameter, never a 500.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class OpenAIModel(BaseModel):
+    """Base of request models: unknown fields are kept (and logged), never an error."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+def unknown_fields(model: BaseModel, prefix: str = "") -> list[str]:
+    """Paths of the fields a request carried that the server does not know."""
+    found = [f"{prefix}{k}" for k in (model.model_extra or {})]
+    for name in type(model).model_fields:
+        value = getattr(model, name, None)
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            if isinstance(item, OpenAIModel):
+                sub = f"{prefix}{name}[{i}]." if isinstance(value, list) else f"{prefix}{name}."
+                found += unknown_fields(item, sub)
+    return found
+
+
+# -- requests ---------------------------------------------------------------------------------
+
+
+class FunctionCall(OpenAIModel):
+    name: str = Field(description="Function name.")
+    arguments: str = Field(description="Arguments as a JSON string.")
+
+
+class ToolCall(OpenAIModel):
+    id: str = Field(description="Tool call id, echoed by the tool message.")
+    type: Literal["function"] = Field(default="function", description="Always 'function'.")
+    function: FunctionCall = Field(description="The called function.")
+
+
+class ContentPart(OpenAIModel):
+    type: str = Field(description="Part type; only 'text' is served by text models.")
+    text: str | None = Field(default=None, description="Text of a 'text' part.")
+
+
+class ChatMessage(OpenAIModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
+        description="Author of the message.")
+    content: str | list[ContentPart] | None = Field(default=None, description="Message text.")
+    name: str | None = Field(default=None, description="Optional author name.")
+    tool_calls: list[ToolCall] | None = Field(default=None,
+                                              description="Assistant: the tools it called.")
+    tool_call_id: str | None = Field(default=None, description="Tool: the call it answers.")
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        for part in self.content:
+            if part.type != "text":
+                raise ValueError(f"content part type {part.type!r} is not supported by a text "
+                                 "model; use 'text'")
+        return "".join(p.text or "" for p in self.content)
+
+
+class FunctionDefinition(OpenAIModel):
+    name: str = Field(min_length=1, max_length=64, description="Function name.")
+    description: str | None = Field(default=None, description="What the function does.")
+    parameters: dict[str, Any] | None = Field(default=None, description="JSON schema.")
+    strict: bool | None = Field(default=None, description="Strict schema adherence.")
+
+
+class Tool(OpenAIModel):
+    type: Literal["function"] = Field(default="function", description="Always 'function'.")
+    function: FunctionDefinition = Field(description="The function the model may call.")
+
+
+class NamedFunction(OpenAIModel):
+    name: str = Field(description="Function the model must call.")
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"] = Field(default="function", description="Always 'function'.")
+    function: NamedFunction = Field(description="The function to call.")
+
+
+class StreamOptions(OpenAIModel):
+    include_usage: bool | None = Field(default=False,
+                                       description="Send a last chunk with the usage.")
+
+
+class SamplingFields(OpenAIModel):
+    """Fields shared by chat and text completions."""
+
+    model: str = Field(description="Served model name (GET /v1/models).")
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0,
+                                      description="Sampling temperature; 0 is greedy.")
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Nucleus sampling.")
+    n: int = Field(default=1, ge=1, le=16, description="Choices to generate.")
+    max_tokens: int | None = Field(default=None, ge=1, description="Most tokens to generate.")
+    stop: str | list[str] | None = Field(default=None, description="Up to 4 stop strings.")
+    stream: bool = Field(default=False, description="Stream server-sent events.")
+    stream_options: StreamOptions | None = Field(default=None, description="Streaming options.")
+    seed: int | None = Field(default=None, description="Seed for reproducible sampling.")
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0,
+                                           description="Not supported: only 0 is accepted.")
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0,
+                                            description="Not supported: only 0 is accepted.")
+    logit_bias: dict[str, float] | None = Field(default=None,
+                                                description="Not supported: must be empty.")
+    user: str | None = Field(default=None, description="End-user id (logged).")
+    ignore_eos: bool = Field(default=False, description="vLLM extension: keep generating past "
+                                                        "EOS (benchmarks).")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
+        stops = [v] if isinstance(v, str) else v or []
+        if len(stops) > 4:
+            raise ValueError(f"at most 4 stop sequences are allowed, got {len(stops)}")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise ValueError(f"{name}: only 0 is supported by this server")
+        if self.logit_bias:
+            raise ValueError("logit_bias: not supported by this server")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
+        return self
+
+    @property
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
+    max_completion_tokens: int | None = Field(default=None, ge=1,
+                                              description="Newer name of max_tokens.")
+    tools: list[Tool] | None = Field(default=None, description="Functions the model may call.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None, description="Whether and which tool the model must call.")
+    parallel_tool_calls: bool | None = Field(default=None, description="Several calls per turn.")
+    logprobs: bool | None = Field(default=None, description="Not supported: only false.")
+    top_logprobs: int | None = Field(default=None, description="Not supported.")
+    response_format: dict[str, Any] | None = Field(default=None,
+                                                   description="Only {'type': 'text'}.")
+
+    @model_validator(mode="after")
+    def _chat_rules(self):
+        if self.logprobs or self.top_logprobs:
+            raise ValueError("logprobs: not supported by this server")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ValueError("response_format: only {'type': 'text'} is supported")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = [t.function.name for t in self.tools or []]
+            if self.tool_choice.function.name not in names:
+                raise ValueError(f"tool_choice: function {self.tool_choice.function.name!r} "
+                                 f"is not among the declared tools {names}")
+        elif self.tool_choice == "required" and not self.tools:
+            raise ValueError("tool_choice: 'required' needs at least one tool in tools")
+        if self.max_tokens is not None and self.max_completion_tokens is not None \
+                and self.max_tokens != self.max_completion_tokens:
+            raise ValueError("max_completion_tokens: differs from max_tokens; send one of them")
+        return self
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="Prompt text, texts, token ids or lists of token ids.")
+    max_tokens: int | None = Field(default=16, ge=1, description="Most tokens (OpenAI's "
+                                                                 "default 16).")
+    echo: bool = Field(default=False, description="Prepend the prompt to the completion.")
+    suffix: str | None = Field(default=None, description="Not supported.")
+    logprobs: int | None = Field(default=None, description="Not supported.")
+    best_of: int | None = Field(default=None, description="Only equal to n.")
+
+    @model_validator(mode="after")
+    def _completion_rules(self):
+        if self.suffix:
+            raise ValueError("suffix: not supported by this server")
+        if self.logprobs:
+            raise ValueError("logprobs: not supported by this server")
+        if self.best_of not in (None, self.n):
+            raise ValueError(f"best_of: only equal to n ({self.n}) is supported")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt: must not be empty")
+        return self
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+
+# -- responses --------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(description="Tokens of the prompt (once, whatever n is).")
+    completion_tokens: int = Field(description="Tokens generated over all choices.")
+    total_tokens: int = Field(description="prompt_tokens + completion_tokens.")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ModelCard(BaseModel):
+    id: str = Field(description="Served model name.")
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "rayplane"
+    root: str | None = Field(default=None, description="Where the weights came from (resolved "
+                                                       "registry version, URI or folder).")
+    max_model_len: int | None = Field(default=None, description="Context length served.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def completion_id(kind: str) -> str:
+    return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+
+
+__all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "ContentPart",
+           "ErrorDetail", "ErrorResponse", "FunctionCall", "ModelCard", "ModelList",
+           "NamedToolChoice", "SamplingFields", "StreamOptions", "Tool", "ToolCall", "Usage",
+           "completion_id", "unknown_fields"]

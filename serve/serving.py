@@ -1,0 +1,374 @@
+"""The OpenAI serving logic over an engine: requests become prompts and sampling parameters,
+engine deltas become OpenAI responses and server-sent events (vLLM's ``serving_chat.py`` /
+``serving_completion.py`` split, one class here).
+
+It runs inside the model's Serve replica (next to the engine, so tokens never cross a process
+boundary one by one) and in-process for the benchmark baseline. Every failure a client can
+cause is an :class:`~serve.engines.base.EngineError` with OpenAI's status and body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from serve.engines.base import Delta, EngineError, SamplingParams
+from serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    NamedToolChoice,
+    SamplingFields,
+    completion_id,
+)
+from serve.tools import ToolStreamFilter, forced_prefix
+
+logger = logging.getLogger(__name__)
+
+
+class Observer(Protocol):
+    """Where per-request timings go (serve/metrics.py records them in Prometheus)."""
+
+    def first_token(self, seconds: float) -> None: ...
+    def inter_token(self, seconds: float) -> None: ...
+    def finished(self, prompt_tokens: int, completion_tokens: int, seconds: float,
+                 first_token_s: float | None) -> None: ...
+
+
+@dataclass
+class _Choice:
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+    first_token_s: float | None = None
+
+
+@dataclass
+class _Prepared:
+    prompts: list[list[int]]  # one per prompt (chat: one)
+    params: list[SamplingParams]  # one per choice of a prompt
+    budgets: list[int]  # token budget per prompt
+    prefix: str = ""
+    tools_enabled: bool = False
+    declared: set[str] = field(default_factory=set)
+    echo: list[str] = field(default_factory=list)
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class OpenAIServing:
+    """Chat and text completions for one served model on one engine."""
+
+    def __init__(self, engine, model_name: str, *, root: str | None = None,
+                 observer: Observer | None = None):
+        self.engine = engine
+        self.model_name = model_name
+        self.root = root
+        self.observer = observer
+
+    def model_card(self) -> ModelCard:
+        return ModelCard(id=self.model_name, root=self.root,
+                         max_model_len=self.engine.max_model_len)
+
+    # -- request -> prompts and sampling parameters ----------------------------------------
+
+    def _params(self, req: SamplingFields, n: int) -> list[SamplingParams]:
+        temperature = 1.0 if req.temperature is None else req.temperature
+        return [SamplingParams(max_tokens=None, temperature=temperature,
+                               top_p=1.0 if req.top_p is None else req.top_p,
+                               seed=None if req.seed is None else req.seed + i,
+                               stop=req.stop_list, ignore_eos=req.ignore_eos)
+                for i in range(n)]
+
+    def prepare_chat(self, req: ChatCompletionRequest) -> _Prepared:
+        tok = self.engine.tokenizer
+        if not self.engine.has_chat_template:
+            raise EngineError(f"model {self.model_name!r} has no chat template in its folder; "
+                              "use /v1/completions", param="messages")
+        messages = []
+        for i, m in enumerate(req.messages):
+            try:
+                msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
+                                       "content": m.text()}
+            except ValueError as err:
+                raise EngineError(str(err), param=f"messages[{i}].content") from None
+            if m.tool_calls:
+                calls = []
+                for j, c in enumerate(m.tool_calls):
+                    try:
+                        args = json.loads(c.function.arguments or "{}")
+                    except json.JSONDecodeError:
+                        raise EngineError("arguments must be a JSON object string",
+                                          param=f"messages[{i}].tool_calls[{j}].function."
+                                                "arguments") from None
+                    calls.append({"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name, "arguments": args}})
+                msg["tool_calls"] = calls
+            if m.tool_call_id:
+                msg["tool_call_id"] = m.tool_call_id
+            if m.name:
+                msg["name"] = m.name
+            messages.append(msg)
+        enabled = bool(req.tools) and req.tool_choice != "none"
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if enabled else None
+        try:
+            ids = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                          tokenize=True, return_dict=False)
+        except Exception as err:  # noqa: BLE001 - jinja errors on the client's messages
+            raise EngineError(f"the model's chat template cannot render these messages: "
+                              f"{err}", param="messages") from None
+        prefix = forced_prefix(req.tool_choice, req.tools) if enabled else ""
+        if prefix:
+            ids = list(ids) + tok.encode(prefix, add_special_tokens=False)
+        params = self._params(req, req.n)
+        for p in params:
+            p.max_tokens = req.token_limit
+        limit_param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        budget = self.engine.check(list(ids), params[0], limit_param)
+        self.engine.ensure_capacity(len(params))
+        declared = {t.function.name for t in req.tools or []}
+        if isinstance(req.tool_choice, NamedToolChoice):
+            declared = {req.tool_choice.function.name}
+        return _Prepared(prompts=[list(ids)], params=params, budgets=[budget], prefix=prefix,
+                         tools_enabled=enabled, declared=declared)
+
+    def prepare_completion(self, req: CompletionRequest) -> _Prepared:
+        tok = self.engine.tokenizer
+        prompts, echo = [], []
+        vocab = len(tok)
+        for i, p in enumerate(req.prompts):
+            if isinstance(p, str):
+                ids = tok.encode(p)
+                echo.append(p)
+            else:
+                if any(not isinstance(t, int) or not 0 <= t < vocab for t in p):
+                    raise EngineError(f"token ids must lie in [0, {vocab})",
+                                      param=f"prompt[{i}]")
+                ids = list(p)
+                echo.append(tok.decode(ids))
+            prompts.append(ids)
+        params = self._params(req, req.n)
+        for p in params:
+            p.max_tokens = req.max_tokens
+        budgets = [self.engine.check(ids, params[0], "max_tokens") for ids in prompts]
+        self.engine.ensure_capacity(len(params) * len(prompts))
+        return _Prepared(prompts=prompts, params=params, budgets=budgets, echo=echo)
+
+    # -- running ---------------------------------------------------------------------------
+
+    async def _stream_choice(self, prompt: list[int], params: SamplingParams, budget: int,
+                             request_id: str) -> AsyncIterator[Delta]:
+        """Engine deltas of one choice, with timings reported to the observer."""
+        start = time.perf_counter()
+        last = None
+        done: Delta | None = None
+        stream = self.engine.generate(prompt, params, request_id, max_tokens=budget)
+        try:
+            async for d in stream:
+                now = time.perf_counter()
+                if self.observer is not None and d.token_ids:
+                    if last is None:
+                        self.observer.first_token(now - start)
+                    else:
+                        self.observer.inter_token((now - last) / len(d.token_ids))
+                last = now
+                done = d
+                yield d
+        finally:
+            await stream.aclose()
+            if self.observer is not None and done is not None and done.finish_reason:
+                self.observer.finished(done.prompt_tokens, done.completion_tokens,
+                                       time.perf_counter() - start, done.first_token_s)
+
+    async def _run_all(self, prep: _Prepared, request_id: str) -> list[_Choice]:
+        n = len(prep.params)
+        choices: list[_Choice] = []
+
+        async def one(index: int, prompt: list[int], params: SamplingParams, budget: int):
+            ch = _Choice(index=index, prompt_tokens=len(prompt))
+            async for d in self._stream_choice(prompt, params, budget, request_id):
+                ch.text += d.text
+                ch.finish_reason = d.finish_reason
+                ch.completion_tokens = d.completion_tokens
+            return ch
+
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(one(pi * n + j, prompt, params, prep.budgets[pi]))
+                     for pi, prompt in enumerate(prep.prompts)
+                     for j, params in enumerate(prep.params)]
+        choices = [t.result() for t in tasks]
+        return choices
+
+    async def _merged(self, prep: _Prepared, request_id: str
+                      ) -> AsyncIterator[tuple[int, Delta]]:
+        """Deltas of every choice as they come, tagged with the choice index."""
+        n = len(prep.params)
+        jobs = [(pi * n + j, prompt, params, prep.budgets[pi])
+                for pi, prompt in enumerate(prep.prompts) for j, params in enumerate(prep.params)]
+        if len(jobs) == 1:
+            index, prompt, params, budget = jobs[0]
+            async for d in self._stream_choice(prompt, params, budget, request_id):
+                yield index, d
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index, prompt, params, budget):
+            try:
+                async for d in self._stream_choice(prompt, params, budget, request_id):
+                    await queue.put((index, d))
+            except BaseException as err:  # noqa: BLE001 - handed to the consumer below
+                await queue.put((index, err))
+
+        tasks = [asyncio.ensure_future(pump(*job)) for job in jobs]
+        try:
+            finished = 0
+            while finished < len(jobs):
+                index, item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finish_reason is not None:
+                    finished += 1
+                yield index, item
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    # -- chat ------------------------------------------------------------------------------
+
+    async def chat(self, req: ChatCompletionRequest, request_id: str = "") -> dict:
+        prep = self.prepare_chat(req)
+        choices = await self._run_all(prep, request_id)
+        out = []
+        for ch in choices:
+            filt = ToolStreamFilter(prep.tools_enabled, prep.declared, prep.prefix)
+            filt.feed(ch.text)
+            filt.sent = len(prep.prefix)  # non-streamed: the whole content is "not yet sent"
+            content, calls = filt.finish()
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            finish = ch.finish_reason
+            if calls:
+                message["content"] = content or None
+                message["tool_calls"] = calls
+                finish = "tool_calls"
+            out.append({"index": ch.index, "message": message, "logprobs": None,
+                        "finish_reason": finish})
+        completion = sum(c.completion_tokens for c in choices)
+        prompt = len(prep.prompts[0])
+        return {"id": completion_id("chat"), "object": "chat.completion",
+                "created": int(time.time()), "model": self.model_name, "choices": out,
+                "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                          "total_tokens": prompt + completion}}
+
+    async def chat_stream(self, req: ChatCompletionRequest, request_id: str = ""
+                          ) -> AsyncIterator[str]:
+        """Server-sent events; everything that can be refused is refused before the first."""
+        prep = self.prepare_chat(req)
+        cid, created = completion_id("chat"), int(time.time())
+        usage_field = {"usage": None} if req.include_usage else {}
+
+        def chunk(index: int, delta: dict, finish: str | None = None) -> str:
+            return sse({"id": cid, "object": "chat.completion.chunk", "created": created,
+                        "model": self.model_name,
+                        "choices": [{"index": index, "delta": delta, "logprobs": None,
+                                     "finish_reason": finish}], **usage_field})
+
+        n = len(prep.params)
+        filters = {i: ToolStreamFilter(prep.tools_enabled, prep.declared, prep.prefix)
+                   for i in range(n)}
+        tokens = dict.fromkeys(range(n), 0)
+        for i in range(n):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        try:
+            async for index, d in self._merged(prep, request_id):
+                tokens[index] = d.completion_tokens
+                text = filters[index].feed(d.text)
+                if d.finish_reason is None:
+                    if text:
+                        yield chunk(index, {"content": text})
+                    continue
+                rest, calls = filters[index].finish()
+                text += rest
+                finish = "tool_calls" if calls else d.finish_reason
+                delta: dict[str, Any] = {"content": text} if text else {}
+                if calls:
+                    delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
+                yield chunk(index, delta, finish)
+        except EngineError as err:
+            yield sse(err.body())
+            yield SSE_DONE
+            return
+        if req.include_usage:
+            prompt, completion = len(prep.prompts[0]), sum(tokens.values())
+            yield sse({"id": cid, "object": "chat.completion.chunk", "created": created,
+                       "model": self.model_name, "choices": [],
+                       "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                                 "total_tokens": prompt + completion}})
+        yield SSE_DONE
+
+    # -- text completions ------------------------------------------------------------------
+
+    async def completion(self, req: CompletionRequest, request_id: str = "") -> dict:
+        prep = self.prepare_completion(req)
+        choices = await self._run_all(prep, request_id)
+        n = len(prep.params)
+        out = [{"index": ch.index,
+                "text": (prep.echo[ch.index // n] if req.echo else "") + ch.text,
+                "logprobs": None, "finish_reason": ch.finish_reason} for ch in choices]
+        prompt = sum(len(p) for p in prep.prompts)
+        completion = sum(c.completion_tokens for c in choices)
+        return {"id": completion_id("completion"), "object": "text_completion",
+                "created": int(time.time()), "model": self.model_name, "choices": out,
+                "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                          "total_tokens": prompt + completion}}
+
+    async def completion_stream(self, req: CompletionRequest, request_id: str = ""
+                                ) -> AsyncIterator[str]:
+        prep = self.prepare_completion(req)
+        cid, created = completion_id("completion"), int(time.time())
+        usage_field = {"usage": None} if req.include_usage else {}
+        n = len(prep.params)
+
+        def chunk(index: int, text: str, finish: str | None = None) -> str:
+            return sse({"id": cid, "object": "text_completion", "created": created,
+                        "model": self.model_name,
+                        "choices": [{"index": index, "text": text, "logprobs": None,
+                                     "finish_reason": finish}], **usage_field})
+
+        tokens: dict[int, int] = {}
+        started: set[int] = set()
+        try:
+            async for index, d in self._merged(prep, request_id):
+                tokens[index] = d.completion_tokens
+                text = d.text
+                if req.echo and index not in started:
+                    text = prep.echo[index // n] + text
+                started.add(index)
+                if text or d.finish_reason is not None:
+                    yield chunk(index, text, d.finish_reason)
+        except EngineError as err:
+            yield sse(err.body())
+            yield SSE_DONE
+            return
+        if req.include_usage:
+            prompt = sum(len(p) for p in prep.prompts)
+            completion = sum(tokens.values())
+            yield sse({"id": cid, "object": "text_completion", "created": created,
+                       "model": self.model_name, "choices": [],
+                       "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                                 "total_tokens": prompt + completion}})
+        yield SSE_DONE
+
+
+__all__ = ["SSE_DONE", "OpenAIServing", "sse"]
