@@ -312,7 +312,7 @@ def read_objects(folder: str | Path) -> list[dict]:
     if not folder.is_dir():
         raise SpecError(f"{folder}: no such folder (render it with `rayplane render`)")
     objects: list[dict] = []
-    for path in sorted(folder.glob("*.yaml")):
+    for path in sorted(p for p in folder.glob("*.yaml") if not p.name.startswith(".")):
         try:
             docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
         except yaml.YAMLError as err:
