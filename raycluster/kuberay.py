@@ -186,6 +186,8 @@ def _env_vars(env: Environment, pool: Pool) -> list[dict]:
         {"name": "RAYPLANE_ENV", "value": env.name},
         {"name": "RAYPLANE_POOL", "value": pool.name},
         {"name": "RAYPLANE_SHARED_DIR", "value": env.storage.mount_path},
+        # Ray Train checkpoints must be on storage every node sees: the EFS volume.
+        {"name": "RAYPLANE_STORAGE_PATH", "value": f"{env.storage.mount_path}/runs"},
         {"name": "MLFLOW_TRACKING_URI", "value": env.mlflow_tracking_uri},
         {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
     ]
@@ -464,7 +466,8 @@ def rayjob_spec(catalog: Catalog, env: Environment, job: RayJobSpec, train_cfg: 
     cluster = ray_cluster_spec(catalog, env, cluster=name, namespace=job.namespace,
                                priority_class=priority, groups=[group], field=field)
     runtime_env = {"env_vars": {"RAYPLANE_ENV": env.name,
-                                "MLFLOW_TRACKING_URI": env.mlflow_tracking_uri}}
+                                "MLFLOW_TRACKING_URI": env.mlflow_tracking_uri,
+                                "RAYPLANE_STORAGE_PATH": f"{env.storage.mount_path}/runs"}}
     return {
         "entrypoint": entrypoint_for(job.config),
         "runtimeEnvYAML": yaml.safe_dump(runtime_env, sort_keys=True),

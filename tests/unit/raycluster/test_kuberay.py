@@ -263,3 +263,106 @@ def test_a_serve_config_bound_to_localhost_is_refused(catalog, env, serve_cfg):
     svc = RayServiceSpec.parse({"config": "x.yaml"})
     with pytest.raises(SpecError, match=r"service\.config\(x\.yaml\)\.http\.host: '127\.0\.0\.1'"):
         render_rayservice(catalog, env, svc, cfg, cfg.to_serve_config(catalog))
+
+
+# -- RayJob / RayCronJob from a training config ---------------------------------------------
+
+TRAIN_CONFIG = "train/configs/demo.yaml"
+CUSTOM = {"CPU", "GPU", "memory", "object_store_memory"}
+
+
+@pytest.fixture(scope="module")
+def train_cfg():
+    from train.config import TrainConfig
+
+    return TrainConfig.load(REPO / TRAIN_CONFIG)
+
+
+def _job(**kw):
+    from raycluster.environments import RayJobSpec
+
+    return RayJobSpec.parse({"config": TRAIN_CONFIG, **kw})
+
+
+def test_the_rayjob_worker_group_asks_the_same_custom_resources_as_locally(
+        catalog, env, train_cfg, tmp_path):
+    from raycluster.kuberay import render_rayjob
+    from raycluster.local import LocalCluster
+    from train.config import worker_resources
+
+    obj = render_rayjob(catalog, env, _job(), train_cfg)
+    group, = obj["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    advertised = parse_resources(group["rayStartParams"]["resources"])
+    asked_locally = worker_resources(catalog, train_cfg, local=True)
+    # The custom resources the KubeRay worker group advertises are the ones the same config
+    # asks for on the local cluster, and what the local node for the pool advertises.
+    assert set(advertised) == set(asked_locally) - CUSTOM
+    local_node = next(n for n in LocalCluster(state_dir=tmp_path, catalog=catalog).node_plan()
+                      if n.pool == train_cfg.pool)
+    assert set(advertised) == set(local_node.resources)
+    # And every resource a worker asks on KubeRay is there, once per Ray Train worker.
+    asked = worker_resources(catalog, train_cfg, local=False)
+    offer = {**advertised, "CPU": float(group["rayStartParams"]["num-cpus"]),
+             "GPU": float(group["rayStartParams"].get("num-gpus", 0))}
+    for key, amount in asked.items():
+        assert offer[key] * group["replicas"] >= amount * train_cfg.num_workers, key
+    assert group["template"]["spec"]["nodeSelector"] == {"rayplane.io/pool": train_cfg.pool}
+
+
+def test_the_rayjob_runs_the_same_entrypoint_and_tears_down(catalog, env, train_cfg):
+    from raycluster.kuberay import render_rayjob
+
+    spec = render_rayjob(catalog, env, _job(backoff_limit=1), train_cfg)["spec"]
+    assert spec["entrypoint"] == f"python -m train.fit --config {TRAIN_CONFIG}"
+    assert spec["submissionMode"] == "K8sJobMode"
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert spec["ttlSecondsAfterFinished"] == 3600
+    assert spec["activeDeadlineSeconds"] == 6 * 3600
+    assert spec["backoffLimit"] == 1
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == env.mlflow_tracking_uri
+    assert runtime_env["env_vars"]["RAYPLANE_STORAGE_PATH"].startswith(env.storage.mount_path)
+    submitter = spec["submitterPodTemplate"]["spec"]
+    assert submitter["restartPolicy"] == "Never"
+    # The token reaches the submitter as a file, never as a literal in the manifest.
+    env_vars = {e["name"]: e.get("value") for e in submitter["containers"][0]["env"]}
+    assert env_vars["RAY_AUTH_MODE"] == "token"
+    assert env_vars["RAY_AUTH_TOKEN_PATH"].startswith("/var/run/secrets/ray/")
+    assert spec["rayClusterSpec"]["authOptions"]["mode"] == "token"
+
+
+def test_a_training_config_larger_than_its_pool(catalog, env, train_cfg):
+    from raycluster.kuberay import render_rayjob
+
+    pool = catalog.pool(train_cfg.pool)
+    big = type(train_cfg).parse({**train_cfg.model_dump(mode="json"),
+                                 "num_workers": pool.max_workers + 1})
+    with pytest.raises(SpecError) as err:
+        render_rayjob(catalog, env, _job(), big, field="jobs[0]")
+    assert str(err.value).startswith(
+        f"jobs[0].config({TRAIN_CONFIG}).num_workers: {pool.max_workers + 1} workers need")
+
+
+def test_a_training_config_on_a_pool_that_does_not_exist(catalog, env, train_cfg):
+    from raycluster.kuberay import render_rayjob
+
+    bad = type(train_cfg).parse({**train_cfg.model_dump(mode="json"), "pool": "h100-timeslise"})
+    with pytest.raises(SpecError, match=r"'h100-timeslise' is not a pool.*did you mean "
+                                        r"'h100-timeslice'"):
+        render_rayjob(catalog, env, _job(), bad, field="jobs[0]")
+
+
+def test_the_raycronjob_wraps_the_same_rayjob_on_a_schedule(catalog, env, train_cfg):
+    from raycluster.environments import RayCronJobSpec
+    from raycluster.kuberay import render_raycronjob, render_rayjob
+
+    cron = RayCronJobSpec.parse({"name": "nightly", "config": TRAIN_CONFIG,
+                                 "schedule": "0 2 * * *", "time_zone": "Europe/Berlin"})
+    spec = render_raycronjob(catalog, env, cron, train_cfg)["spec"]
+    assert spec["schedule"] == "0 2 * * *" and spec["timeZone"] == "Europe/Berlin"
+    job = render_rayjob(catalog, env, _job(), train_cfg)["spec"]
+    assert spec["jobTemplate"]["entrypoint"] == job["entrypoint"]
+    assert spec["jobTemplate"]["rayClusterSpec"]["workerGroupSpecs"][0]["rayStartParams"] == \
+        job["rayClusterSpec"]["workerGroupSpecs"][0]["rayStartParams"]
+    with pytest.raises(SpecError, match="schedule"):
+        RayCronJobSpec.parse({"name": "n", "config": TRAIN_CONFIG, "schedule": "nightly"})
