@@ -212,6 +212,45 @@ def register_model(folder: str | Path, name: str, *, tracking_uri: str,
     return str(mv.version)
 
 
+
+def cached_tiny_model(version: str = "1", cache_dir: str | Path | None = None) -> Path:
+    """:func:`make_tiny_model` once per machine and version (training is seeded, so the cached
+    folder is the one a fresh build would give); safe with concurrent test processes."""
+    import os
+    import shutil
+    import tempfile
+
+    root = Path(cache_dir or os.environ.get("RAYPLANE_TEST_MODEL_CACHE",
+                                            Path(tempfile.gettempdir()) / "rayplane-test-models"))
+    dest = root / f"tiny-gpt2-v{version}-r1"
+    if (dest / "rayplane-test-model.json").is_file():
+        return dest
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=root))
+    make_tiny_model(tmp, version=version)
+    try:
+        os.rename(tmp, dest)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def serve_config_yaml(*, name: str, source: str, pool: str, route_prefix: str,
+                      api_key_file: str | Path, min_replicas: int = 1, max_replicas: int = 1,
+                      max_num_seqs: int = 16) -> str:
+    """A serve config for one model (tests and the benchmark write it to a file)."""
+    import yaml
+
+    return yaml.safe_dump({
+        "name": name, "route_prefix": route_prefix,
+        "models": [{"name": "tiny-chat", "source": source, "pool": pool, "engine": "cpu",
+                    "max_num_seqs": max_num_seqs,
+                    "autoscaling": {"min_replicas": min_replicas, "max_replicas": max_replicas,
+                                    "target_ongoing_requests": 16}}],
+        "api_keys": {"file": str(api_key_file)},
+    }, sort_keys=False)
+
+
 __all__ = [
     "CALCULATOR",
     "CHAT_TEMPLATE",
@@ -226,6 +265,6 @@ __all__ = [
     "TOOL_QUESTION",
     "VERSION_QUESTION",
     "make_tiny_model",
-    "register_model",
+    "cached_tiny_model", "register_model", "serve_config_yaml",
     "version_reply",
 ]

@@ -43,7 +43,9 @@ def forced_prefix(tool_choice, tools) -> str:
         return TOOL_CALL_OPEN
     name = getattr(getattr(tool_choice, "function", None), "name", None)
     if name:
-        return TOOL_CALL_OPEN + json.dumps({"name": name})[:-1] + ', "arguments": '
+        # No trailing space: byte-level BPE glues a space to the next token (' {'), so a
+        # prefix ending in a bare space is a token sequence the model never saw.
+        return TOOL_CALL_OPEN + json.dumps({"name": name})[:-1] + ', "arguments":'
     return ""
 
 

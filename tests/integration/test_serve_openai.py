@@ -1,0 +1,324 @@
+"""The OpenAI API of the deployed Serve app, through the official openai client (sync, async,
+streaming) and LangChain, against the local platform (real Ray nodes, MLflow, HTTP).
+
+The model is a tiny GPT-2 in the platform's format, trained to reproduce a few conversations
+(serve/testing.py), registered in the fixture's MLflow server as ``runs:/<run_id>/model`` and
+deployed with ``rayplane serve up`` from ``models:/NAME@champion``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from openai import AsyncOpenAI, OpenAI
+
+from serve import testing as tm
+
+MODEL = "tiny-chat"
+REGISTERED = "serve-openai-tiny"
+APP = "openai-tests"
+PREFIX = "/openai-tests"
+pytestmark = pytest.mark.timeout(900)
+
+
+def rayplane(env: dict, *args: str, timeout: float = 420) -> subprocess.CompletedProcess:
+    cli = Path(sys.executable).parent / "rayplane"
+    return subprocess.run([str(cli), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    return tm.cached_tiny_model("1")
+
+
+@pytest.fixture(scope="module")
+def deployed(local_cluster, cluster_env, model_dir, tmp_path_factory):
+    version = tm.register_model(model_dir, REGISTERED, tracking_uri=local_cluster.mlflow_uri)
+    cfg = tmp_path_factory.mktemp("serve") / "serve.yaml"
+    cfg.write_text(tm.serve_config_yaml(name=APP, source=f"models:/{REGISTERED}@champion",
+                                        pool="a100-mig", route_prefix=PREFIX,
+                                        api_key_file=local_cluster.api_key_path))
+    out = rayplane(cluster_env, "serve", "up", str(cfg))
+    assert out.returncode == 0, out.stderr + out.stdout
+    base_url = f"{local_cluster.serve_url}{PREFIX}/v1"
+    assert base_url in out.stdout  # the endpoint is printed
+    yield {"base_url": base_url, "key": local_cluster.api_key_path.read_text().strip(),
+           "version": version, "health": f"{local_cluster.serve_url}{PREFIX}/healthz"}
+    rayplane(cluster_env, "serve", "down", APP, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def client(deployed) -> OpenAI:
+    return OpenAI(base_url=deployed["base_url"], api_key=deployed["key"], timeout=60)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def chat_prompt_len(tokenizer, messages, tools=None) -> int:
+    return len(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                             tokenize=True, return_dict=False))
+
+
+def test_models_lists_the_registered_version(client, deployed):
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL]
+    # The alias was resolved at deploy time: the app names the exact registry version.
+    assert models[0].model_extra["root"] == f"models:/{REGISTERED}/{deployed['version']}"
+
+
+def test_stream_joins_to_non_stream_text_with_exact_usage(client, tokenizer):
+    full = client.chat.completions.create(model=MODEL, messages=tm.GREETING, temperature=0,
+                                          max_tokens=60)
+    text = full.choices[0].message.content
+    assert text == tm.GREETING_REPLY
+    assert full.choices[0].finish_reason == "stop"
+    # Exact usage: the prompt as the chat template renders it; the reply's tokens plus EOS.
+    prompt = chat_prompt_len(tokenizer, tm.GREETING)
+    completion = len(tokenizer.encode(text, add_special_tokens=False)) + 1
+    assert (full.usage.prompt_tokens, full.usage.completion_tokens, full.usage.total_tokens) \
+        == (prompt, completion, prompt + completion)
+
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=tm.GREETING, temperature=0, max_tokens=60, stream=True,
+        stream_options={"include_usage": True}))
+    with_choices = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in with_choices) == text
+    reasons = [c.choices[0].finish_reason for c in with_choices]
+    assert reasons[-1] == "stop" and all(r is None for r in reasons[:-1])
+    assert len(with_choices) > 3  # streamed, not one blob
+    assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
+
+
+def test_max_tokens_gives_length_and_counts_exactly(client):
+    r = client.chat.completions.create(model=MODEL, messages=tm.GREETING, temperature=0,
+                                       max_tokens=5)
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 5
+    assert tm.GREETING_REPLY.startswith(r.choices[0].message.content)
+
+
+def test_stop_sequence_cuts_before_it(client):
+    r = client.chat.completions.create(model=MODEL, messages=tm.GREETING, temperature=0,
+                                       max_tokens=60, stop=["help"])
+    assert r.choices[0].message.content == tm.GREETING_REPLY.split("help")[0]
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_n_choices_with_seed_are_reproducible(client):
+    kw = dict(model=MODEL, messages=tm.GREETING, temperature=1.0, top_p=0.95, max_tokens=12,
+              n=3, seed=7, extra_body={"ignore_eos": True})
+    a = client.chat.completions.create(**kw)
+    b = client.chat.completions.create(**kw)
+    assert sorted(c.index for c in a.choices) == [0, 1, 2]
+    assert all(c.finish_reason == "length" for c in a.choices)
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert a.usage.completion_tokens == 3 * 12  # every choice counted, the prompt once
+    assert a.usage.prompt_tokens == b.usage.prompt_tokens < a.usage.completion_tokens
+
+
+def test_async_clients_concurrently_get_the_same_greedy_answer(deployed):
+    async def main():
+        client = AsyncOpenAI(base_url=deployed["base_url"], api_key=deployed["key"], timeout=60)
+        rs = await asyncio.gather(*[
+            client.chat.completions.create(model=MODEL, messages=m, temperature=0,
+                                           max_tokens=60)
+            for m in [tm.GREETING, tm.VERSION_QUESTION] * 4])
+        streamed = []
+        stream = await client.chat.completions.create(model=MODEL, messages=tm.GREETING,
+                                                      temperature=0, stream=True)
+        async for chunk in stream:
+            streamed.append(chunk.choices[0].delta.content or "")
+        await client.close()
+        return rs, "".join(streamed)
+
+    rs, streamed = asyncio.run(main())
+    assert [r.choices[0].message.content for r in rs] == \
+        [tm.GREETING_REPLY, tm.version_reply("1")] * 4
+    assert streamed == tm.GREETING_REPLY
+
+
+def test_tool_call_comes_back_as_tool_calls(client):
+    r = client.chat.completions.create(model=MODEL, messages=tm.TOOL_QUESTION, tools=tm.TOOLS,
+                                       temperature=0, max_tokens=60)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "calculator"
+    assert json.loads(call.function.arguments) == tm.TOOL_CALL["arguments"]
+    assert not choice.message.content
+
+    # Streamed: the markup never leaks into content; the call arrives whole.
+    chunks = list(client.chat.completions.create(model=MODEL, messages=tm.TOOL_QUESTION,
+                                                 tools=tm.TOOLS, temperature=0, stream=True))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert content == "" and len(calls) == 1
+    assert calls[0].function.name == "calculator"
+    assert json.loads(calls[0].function.arguments) == tm.TOOL_CALL["arguments"]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    # The tool's result sent back: the model answers from it.
+    follow = tm.TOOL_QUESTION + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"result": 84})}]
+    r2 = client.chat.completions.create(model=MODEL, messages=follow, tools=tm.TOOLS,
+                                        temperature=0, max_tokens=60)
+    assert r2.choices[0].message.content == tm.TOOL_ANSWER
+
+
+def test_named_tool_choice_forces_that_tool(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=tm.TOOL_QUESTION, tools=tm.TOOLS, temperature=0, max_tokens=60,
+        tool_choice={"type": "function", "function": {"name": "calculator"}})
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "calculator"
+    assert isinstance(json.loads(call.function.arguments), dict)
+
+
+def test_text_completions_stream_and_not(client):
+    r = client.completions.create(model=MODEL, prompt=tm.COMPLETION_PROMPT, temperature=0,
+                                  max_tokens=40)
+    assert r.choices[0].text == tm.COMPLETION_TEXT
+    assert r.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(model=MODEL, prompt=tm.COMPLETION_PROMPT,
+                                            temperature=0, max_tokens=40, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+    echo = client.completions.create(model=MODEL, prompt=tm.COMPLETION_PROMPT, temperature=0,
+                                     max_tokens=40, echo=True)
+    assert echo.choices[0].text == tm.COMPLETION_PROMPT + tm.COMPLETION_TEXT
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"temperature": 5}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"n": 0}, "n"),
+    ({"max_tokens": 100000}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x" * 3000}]}, "messages"),
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}, "tools": tm.TOOLS},
+     None),
+])
+def test_bad_request_is_400_and_server_keeps_serving(client, kwargs, param):
+    request = {"model": MODEL, "messages": tm.GREETING, **kwargs}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(**request)
+    body = err.value.body
+    assert body["type"] == "invalid_request_error" and body["message"]
+    if param:
+        assert body["param"].startswith(param)
+    ok = client.chat.completions.create(model=MODEL, messages=tm.GREETING, temperature=0,
+                                        max_tokens=3)
+    assert ok.choices[0].message.content
+
+
+def test_malformed_json_and_unknown_fields(deployed):
+    headers = {"Authorization": f"Bearer {deployed['key']}"}
+    r = httpx.post(f"{deployed['base_url']}/chat/completions", content=b"{not json",
+                   headers=headers | {"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    # Fields the server does not know are accepted (and logged), as OpenAI clients send them.
+    r = httpx.post(f"{deployed['base_url']}/chat/completions", headers=headers, timeout=30,
+                   json={"model": MODEL, "messages": tm.GREETING, "max_tokens": 3,
+                         "temperature": 0, "metadata": {"a": "b"}, "some_new_flag": True})
+    assert r.status_code == 200, r.text
+
+
+def test_wrong_or_missing_key_is_401(deployed):
+    bad = OpenAI(base_url=deployed["base_url"], api_key="rp-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model=MODEL, messages=tm.GREETING)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    r = httpx.get(f"{deployed['base_url']}/models", timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="gpt-4o", messages=tm.GREETING)
+    assert err.value.body["code"] == "model_not_found"
+
+
+def test_langchain_chat_openai(deployed):
+    from langchain_core.messages import HumanMessage, SystemMessage
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(model=MODEL, base_url=deployed["base_url"], api_key=deployed["key"],
+                     temperature=0, max_tokens=60)
+    reply = llm.invoke([SystemMessage(tm.GREETING[0]["content"]),
+                        HumanMessage(tm.GREETING[1]["content"])])
+    assert reply.content == tm.GREETING_REPLY
+    assert reply.usage_metadata["output_tokens"] > 0
+    with_tools = llm.bind_tools(tm.TOOLS)
+    msg = with_tools.invoke([HumanMessage(tm.TOOL_QUESTION[0]["content"])])
+    assert msg.tool_calls[0]["name"] == "calculator"
+    assert msg.tool_calls[0]["args"] == tm.TOOL_CALL["arguments"]
+    streamed = "".join(c.content for c in llm.stream(
+        [SystemMessage(tm.GREETING[0]["content"]), HumanMessage(tm.GREETING[1]["content"])]))
+    assert streamed == tm.GREETING_REPLY
+
+
+def test_client_disconnect_frees_the_engine_slot(deployed):
+    def health():
+        return httpx.get(deployed["health"], timeout=30).json()["models"][MODEL]
+
+    before = health()["aborted"]
+    headers = {"Authorization": f"Bearer {deployed['key']}"}
+    body = {"model": MODEL, "messages": tm.GREETING, "max_tokens": 200, "stream": True,
+            "ignore_eos": True, "temperature": 0}
+    with httpx.stream("POST", f"{deployed['base_url']}/chat/completions", json=body,
+                      headers=headers, timeout=30) as r:
+        assert r.status_code == 200
+        events = 0
+        for line in r.iter_lines():
+            events += line.startswith("data: ")
+            if events >= 3:
+                break  # leaving the block closes the connection mid-stream
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        h = health()
+        if h["aborted"] > before and h["running"] == 0:
+            break
+        time.sleep(0.5)
+    assert h["aborted"] > before and h["running"] == 0, h
+
+
+def test_metrics_reach_prometheus(local_cluster, client):
+    """Ray's metrics agents export our series in Prometheus format on every node."""
+    client.chat.completions.create(model=MODEL, messages=tm.GREETING, temperature=0,
+                                   max_tokens=5)
+    nodes = httpx.get(f"{local_cluster.dashboard_url}/nodes?view=summary",
+                      headers=local_cluster.auth_headers(), timeout=30).json()
+    ports = {n["raylet"]["metricsExportPort"] for n in nodes["data"]["summary"]
+             if n["raylet"].get("state") == "ALIVE"}
+    wanted = {"ray_rayplane_serve_requests", "ray_rayplane_serve_time_to_first_token_seconds",
+              "ray_rayplane_serve_inter_token_latency_seconds", "ray_rayplane_serve_output_tokens",
+              "ray_serve_num_http_requests"}
+    seen: set[str] = set()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not wanted <= seen:
+        for port in ports:
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+            except httpx.HTTPError:
+                continue
+            for line in text.splitlines():
+                if line.startswith("ray_") and f'model="{MODEL}"' in line or \
+                        line.startswith("ray_serve_num_http_requests"):
+                    seen.add(line.split("{")[0].removesuffix("_total").removesuffix("_bucket")
+                             .removesuffix("_count").removesuffix("_sum"))
+        time.sleep(2)
+    assert wanted <= seen, f"missing {wanted - seen}"
