@@ -394,3 +394,46 @@ def test_apply_server_side_dry_run_against_a_cluster():
                      os.environ["RAYPLANE_E2E_KUBECONFIG"], "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"\d+ objects validated \(dry run\)", proc.stdout)
+
+
+# -- the environment spec ------------------------------------------------------------------
+
+
+def test_the_environment_targets_the_eks_version_terraform_creates(env):
+    variables = REPO / "infra" / "terraform" / "environments" / env.name / "variables.tf"
+    if not variables.is_file():
+        pytest.skip(f"{variables} is absent (the Terraform layer)")
+    block = re.search(r'variable "kubernetes_version" \{(.*?)\n\}', variables.read_text(), re.DOTALL)
+    default = re.search(r'default\s*=\s*"([^"]+)"', block[1])
+    assert default[1] == env.kubernetes_version
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"account_id": "1234"}, "account_id: '1234': must be a 12-digit AWS account id"),
+    ({"kubernetes_version": "1.33.2"}, ("kubernetes_version: '1.33.2': must be a Kubernetes "
+                                       "minor version")),
+    ({"irsa_role_arns": {"training": "role/x"}}, ("irsa_role_arns.training: 'role/x' is not "
+                                                 "an IAM role ARN")),
+    ({"images": {"repository": "r", "cpu_tag": "latest", "gpu_tag": "g"}},
+     "images.cpu_tag: 'latest': must be a pinned tag"),
+    ({"clusters": [{"name": "x", "namespace": "training", "worker_groups": [{"pool": "cpu", "max_replica": 3}]}]},
+     "clusters[0].worker_groups[0].max_replica: unknown field (did you mean 'max_replicas'?)"),
+])
+def test_bad_environment_fields_are_named(change, expected):
+    from raycluster.environments import Environment
+    from raycluster.spec import SpecError
+
+    data = yaml.safe_load((REPO / "raycluster/environments/production.yaml").read_text())
+    data.update(change)
+    with pytest.raises(SpecError) as err:
+        Environment.parse(data)
+    assert str(err.value).startswith(expected), str(err.value)
+
+
+def test_a_missing_irsa_role_is_named(catalog, env):
+    from raycluster.spec import SpecError
+
+    partial = env.model_copy(update={"irsa_role_arns": {"training": env.irsa_role_arns[
+        "training"]}})
+    with pytest.raises(SpecError, match=r"^irsa_role_arns\.inference: missing"):
+        render_objects(catalog, partial, load_inputs(env, REPO))
