@@ -60,8 +60,9 @@ AUTH_SECRET = "rayplane-ray-auth"
 AUTH_SECRET_KEY = "auth_token"
 #: Secret (key ``password``) with the Redis AUTH token for GCS fault tolerance.
 REDIS_SECRET = "rayplane-redis"
-#: ServiceAccount of Ray pods in each namespace; IRSA gives it the namespace's S3 role.
-SERVICE_ACCOUNT = "ray-workload"
+#: ServiceAccount of Ray pods in each namespace; IRSA gives it the S3 role (Terraform's
+#: workload_identities trust exactly <namespace>/ray).
+SERVICE_ACCOUNT = "ray"
 #: PersistentVolumeClaim of the shared EFS volume (datasets, checkpoints) in each namespace.
 SHARED_CLAIM = "rayplane-shared"
 HOME = "/home/ray"
@@ -188,6 +189,7 @@ def _env_vars(env: Environment, pool: Pool) -> list[dict]:
         {"name": "RAYPLANE_SHARED_DIR", "value": env.storage.mount_path},
         # Ray Train checkpoints must be on storage every node sees: the EFS volume.
         {"name": "RAYPLANE_STORAGE_PATH", "value": f"{env.storage.mount_path}/runs"},
+        {"name": "RAYPLANE_ARTIFACTS_BUCKET", "value": env.storage.artifacts_bucket},
         {"name": "MLFLOW_TRACKING_URI", "value": env.mlflow_tracking_uri},
         {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
     ]

@@ -26,13 +26,12 @@ from raycluster.spec import SpecError
 REPO = Path(__file__).resolve().parents[1]
 FIELD_MANAGER = "rayplane"
 SECRET_STORE = "aws-secrets-manager"
-STORAGE_CLASS_PROVISIONER = "efs.csi.aws.com"
 SYNC_WAVE = "argocd.argoproj.io/sync-wave"
 
 #: Kinds in the order they are written and applied: namespaces and cluster-wide policy
 #: first, then what pods need (accounts, storage, secrets, config), then the workloads.
 KIND_ORDER = [
-    "Namespace", "PriorityClass", "StorageClass", "ClusterSecretStore", "ServiceAccount",
+    "Namespace", "PriorityClass", "ClusterSecretStore", "ServiceAccount",
     "ResourceQuota", "LimitRange", "NetworkPolicy", "PersistentVolumeClaim", "ExternalSecret",
     "ConfigMap", "ClusterPolicy", "PodDisruptionBudget", "RayCluster", "RayService", "RayJob",
     "RayCronJob", "Application",
@@ -98,23 +97,15 @@ def render_service_accounts(catalog: Catalog, env: Environment) -> list[dict]:
 
 
 def render_storage(catalog: Catalog, env: Environment) -> list[dict]:
-    sc = {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
-          "metadata": meta(env.storage.storage_class),
-          "provisioner": STORAGE_CLASS_PROVISIONER,
-          # One EFS access point per claim, owned by the ray user, under /rayplane.
-          "parameters": {"provisioningMode": "efs-ap",
-                         "fileSystemId": env.storage.efs_filesystem_id,
-                         "directoryPerms": "770", "uid": str(policy.RAY_UID),
-                         "gid": str(policy.RAY_GID), "basePath": "/rayplane"},
-          "reclaimPolicy": "Retain", "volumeBindingMode": "Immediate",
-          "mountOptions": ["tls"]}
-    claims = [{"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-               "metadata": meta(kuberay.SHARED_CLAIM, ns),
-               "spec": {"accessModes": ["ReadWriteMany"],
-                        "storageClassName": env.storage.storage_class,
-                        "resources": {"requests": {"storage": env.storage.shared_volume_size}}}}
-              for ns in ray_namespaces(catalog)]
-    return [sc, *claims]
+    """One claim on the shared EFS volume per Ray namespace. The StorageClass itself
+    (``efs-shared``: one access point per claim, uid 1000 / gid 100) comes from Terraform's
+    ``storage_classes_manifest`` output, next to the file system it names."""
+    return [{"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+             "metadata": meta(kuberay.SHARED_CLAIM, ns),
+             "spec": {"accessModes": ["ReadWriteMany"],
+                      "storageClassName": env.storage.storage_class,
+                      "resources": {"requests": {"storage": env.storage.shared_volume_size}}}}
+            for ns in ray_namespaces(catalog)]
 
 
 def render_secrets(catalog: Catalog, env: Environment, gcs_ft_namespaces: set[str],

@@ -47,15 +47,17 @@ class Images(Spec):
 class Storage(Spec):
     """Shared storage: EFS for datasets and checkpoints, S3 for artifacts."""
 
-    efs_filesystem_id: str = Field(description="EFS file system id (Terraform output "
-                                                "efs_filesystem_id).")
-    storage_class: str = Field(default="efs-sc", description="StorageClass rendered for EFS.")
+    storage_class: str = Field(default="efs-shared",
+                               description="EFS StorageClass (Terraform output "
+                                           "storage_classes_manifest creates it).")
     shared_volume_size: str = Field(default="1Ti", description="Requested size of each "
                                                                "namespace's EFS claim (EFS is "
                                                                "elastic; Kubernetes needs one).")
     mount_path: str = Field(default="/mnt/shared", description="Where Ray pods mount the EFS "
                                                                "volume.")
-    artifacts_bucket: str = Field(description="S3 bucket for MLflow artifacts and checkpoints.")
+    artifacts_bucket: str = Field(description="S3 bucket for artifacts (Terraform output "
+                                              "bucket_name); pods get it as "
+                                              "RAYPLANE_ARTIFACTS_BUCKET and reach it via IRSA.")
 
 
 class GitOps(Spec):
@@ -207,7 +209,8 @@ class Environment(Spec):
     images: Images = Field(description="Container images.")
     storage: Storage = Field(description="EFS and S3.")
     irsa_role_arns: dict[str, str] = Field(
-        description="IAM role per namespace (IRSA) for the Ray service account: S3 access.")
+        description="IAM role (IRSA) of the `ray` service account per namespace: S3 access "
+                    "(Terraform output workload_role_arns[\"ray\"]).")
     redis_address: str = Field(description="host:port of the Redis (ElastiCache) for GCS fault "
                                            "tolerance.")
     secrets_manager_prefix: str = Field(description="Prefix of this environment's secrets in "

@@ -94,7 +94,7 @@ def test_cluster_has_token_auth_autoscaling_and_a_cpu_head(catalog, env):
     assert head["template"]["spec"]["automountServiceAccountToken"] is True
     worker_pod = spec["workerGroupSpecs"][0]["template"]["spec"]
     assert worker_pod["automountServiceAccountToken"] is False
-    assert worker_pod["serviceAccountName"] == "ray-workload"
+    assert worker_pod["serviceAccountName"] == "ray"  # what Terraform's IRSA trusts
     mounts = {m["mountPath"] for m in worker_pod["containers"][0]["volumeMounts"]}
     assert env.storage.mount_path in mounts  # the shared EFS volume
     assert "gcsFaultToleranceOptions" not in spec

@@ -98,7 +98,7 @@ def test_write_removes_files_of_kinds_no_longer_rendered_and_nothing_else(tmp_pa
 def test_core_objects_validate_against_the_eks_version_schema(objects, env):
     core = [o for o in objects if o["kind"] not in CRD_KINDS | OTHER_CRD_KINDS]
     assert {"Namespace", "NetworkPolicy", "ResourceQuota", "LimitRange", "PriorityClass",
-            "PodDisruptionBudget", "ConfigMap", "ServiceAccount", "StorageClass",
+            "PodDisruptionBudget", "ConfigMap", "ServiceAccount",
             "PersistentVolumeClaim"} <= {o["kind"] for o in core}
     for obj in core:
         try:
