@@ -1,0 +1,98 @@
+# The production platform: composes the modules, nothing else. The node pools come from
+# pools.auto.tfvars.json (rendered from the pool catalog by `rayplane render`).
+
+provider "aws" {
+  region = var.region
+
+  default_tags {
+    tags = local.tags
+  }
+}
+
+locals {
+  tags = merge(var.tags, {
+    "rayplane.io/environment" = "production"
+    "rayplane.io/cluster"     = var.cluster_name
+    ManagedBy                 = "terraform"
+  })
+  admin_entries = {
+    for arn in var.cluster_admin_arns : "admin-${element(split("/", arn), length(split("/", arn)) - 1)}" => {
+      principal_arn = arn
+      policy        = "AmazonEKSClusterAdminPolicy"
+      namespaces    = []
+    }
+  }
+}
+
+module "security" {
+  source = "../../modules/security"
+
+  name = var.cluster_name
+}
+
+module "network" {
+  source = "../../modules/network"
+
+  name               = var.cluster_name
+  cidr               = var.vpc_cidr
+  az_count           = var.az_count
+  single_nat_gateway = var.single_nat_gateway
+  kms_key_arn        = module.security.data_kms_key_arn
+}
+
+module "eks" {
+  source = "../../modules/eks-cluster"
+
+  name                  = var.cluster_name
+  kubernetes_version    = var.kubernetes_version
+  vpc_id                = module.network.vpc_id
+  vpc_cidr              = module.network.vpc_cidr
+  subnet_ids            = module.network.private_subnet_ids
+  cluster_role_arn      = module.security.cluster_role_arn
+  secrets_kms_key_arn   = module.security.secrets_kms_key_arn
+  logs_kms_key_arn      = module.security.data_kms_key_arn
+  public_access_cidrs   = var.public_access_cidrs
+  access_entries        = merge(local.admin_entries, var.access_entries)
+  enable_access_entries = var.enable_access_entries
+  enable_addons         = var.enable_eks_addons
+
+  # The control plane must not start before its role can act.
+  depends_on = [module.security]
+}
+
+module "storage" {
+  source = "../../modules/storage"
+
+  name                   = var.cluster_name
+  vpc_id                 = module.network.vpc_id
+  private_subnets_by_az  = module.network.private_subnets_by_az
+  nfs_client_cidrs       = module.network.private_subnet_cidrs
+  kms_key_arn            = module.security.data_kms_key_arn
+  oidc_provider_arn      = module.eks.oidc_provider_arn
+  oidc_issuer            = module.eks.oidc_issuer
+  bucket_name            = var.bucket_name
+  force_destroy          = var.force_destroy_buckets
+  workload_identities    = var.workload_identities
+  enable_backup_policies = var.enable_backup_policies
+}
+
+module "node_pools" {
+  source = "../../modules/node-pool"
+
+  cluster_name            = module.eks.name
+  kubernetes_version      = module.eks.version
+  node_role_arn           = module.security.node_role_arn
+  subnet_ids              = module.network.private_subnet_ids
+  pools                   = var.node_pools
+  root_volume_kms_key_arn = module.security.data_kms_key_arn
+  enable_addons           = var.enable_eks_addons
+  addons = {
+    coredns              = {}
+    "aws-ebs-csi-driver" = { service_account_role_arn = module.storage.ebs_csi_role_arn }
+    "aws-efs-csi-driver" = { service_account_role_arn = module.storage.efs_csi_role_arn }
+  }
+
+  # Nodes join only once the node role's policies are attached and the VPC CNI add-on and
+  # access entries exist; otherwise they never turn Ready.
+  depends_on = [module.security, module.eks]
+}

@@ -1,0 +1,64 @@
+variable "name" {
+  description = "Cluster name: names the VPC and tags the subnets for the cluster's load balancers."
+  type        = string
+
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9-]{1,37}[a-z0-9]$", var.name))
+    error_message = "var.name must be 3-39 lowercase letters, digits or '-', starting with a letter."
+  }
+}
+
+variable "cidr" {
+  description = "IPv4 CIDR of the VPC; split into one private and one public subnet per availability zone."
+  type        = string
+  default     = "10.0.0.0/16"
+
+  validation {
+    condition     = can(cidrhost(var.cidr, 0)) && tonumber(split("/", var.cidr)[1]) <= 20
+    error_message = "var.cidr must be an IPv4 CIDR of /20 or larger (the pods take VPC addresses through the VPC CNI)."
+  }
+}
+
+variable "az_count" {
+  description = "Availability zones to spread the subnets (and so the nodes, NAT gateways and EFS mount targets) across."
+  type        = number
+  default     = 3
+
+  validation {
+    condition     = var.az_count >= 2 && var.az_count <= 4
+    error_message = "var.az_count must be 2 to 4: EKS needs subnets in at least two zones."
+  }
+}
+
+variable "single_nat_gateway" {
+  description = "One NAT gateway for all zones (cheaper; a zone outage cuts egress for every zone) instead of one per zone."
+  type        = bool
+  default     = false
+}
+
+variable "flow_log_retention_days" {
+  description = "Days the VPC flow logs are kept in CloudWatch Logs."
+  type        = number
+  default     = 365
+
+  validation {
+    condition     = contains([1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653], var.flow_log_retention_days)
+    error_message = "var.flow_log_retention_days must be a retention CloudWatch Logs accepts (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288 or 3653)."
+  }
+}
+
+variable "kms_key_arn" {
+  description = "KMS key that encrypts the flow log group."
+  type        = string
+
+  validation {
+    condition     = can(regex("^arn:aws[a-z-]*:kms:", var.kms_key_arn))
+    error_message = "var.kms_key_arn must be a KMS key ARN (arn:aws:kms:...)."
+  }
+}
+
+variable "tags" {
+  description = "Tags for every resource of the module."
+  type        = map(string)
+  default     = {}
+}
