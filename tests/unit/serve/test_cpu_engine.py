@@ -1,0 +1,152 @@
+"""The CPU engine: continuous batching must not change what greedy decoding produces (the
+reference is ``transformers``' own ``generate``), requests join and leave a running batch,
+and stop strings, seeds, limits and cancellation behave as OpenAI clients expect."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serve import testing as tm
+from serve.engines.base import EngineError, EngineOverloaded, SamplingParams
+from serve.engines.cpu import CPUEngine
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model) -> CPUEngine:
+    return CPUEngine(tiny_model, max_num_seqs=4, max_waiting=6)
+
+
+def chat_ids(engine, messages, tools=None) -> list[int]:
+    return list(engine.tokenizer.apply_chat_template(messages, tools=tools,
+                                                     add_generation_prompt=True,
+                                                     tokenize=True, return_dict=False))
+
+
+async def run(engine, ids, params):
+    text, tokens, last = "", [], None
+    async for d in engine.generate(ids, params):
+        text += d.text
+        tokens += d.token_ids
+        last = d
+    return text, tokens, last.finish_reason
+
+
+def reference(engine, ids, n) -> list[int]:
+    import torch
+
+    out = engine.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                                dtype=torch.long), max_new_tokens=n, do_sample=False,
+                                pad_token_id=engine.pad_token_id)
+    return out[0, len(ids):].tolist()
+
+
+PROMPTS = [(tm.GREETING, None), (tm.TOOL_QUESTION, tm.TOOLS), (tm.VERSION_QUESTION, None)]
+
+
+def test_greedy_output_equals_transformers_generate(engine):
+    greedy = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    for messages, tools in PROMPTS:
+        ids = chat_ids(engine, messages, tools)
+        _, tokens, reason = asyncio.run(run(engine, ids, greedy))
+        assert reason == "length"
+        ref = reference(engine, ids, 30)  # generate stops at EOS; the engine ignored it
+        assert tokens[:len(ref)] == ref
+        assert len(ref) == 30 or ref[-1] in engine.eos_token_ids
+
+
+def test_concurrent_staggered_requests_match_one_at_a_time(engine):
+    """More requests than max_num_seqs, arriving while others decode: every sequence is the
+    one it would be alone (left-padding and cache merging change nothing)."""
+    greedy = SamplingParams(max_tokens=60, temperature=0)
+    alone = {i: asyncio.run(run(engine, chat_ids(engine, m, t), greedy))
+             for i, (m, t) in enumerate(PROMPTS)}
+
+    async def main():
+        async def delayed(k, i):
+            await asyncio.sleep(0.005 * k)
+            m, t = PROMPTS[i]
+            return i, await run(engine, chat_ids(engine, m, t), greedy)
+        peak = 0
+
+        async def watch():
+            nonlocal peak
+            while True:
+                peak = max(peak, engine.stats().running)
+                await asyncio.sleep(0.001)
+        w = asyncio.ensure_future(watch())
+        out = await asyncio.gather(*[delayed(k, k % 3) for k in range(9)])
+        w.cancel()
+        return out, peak
+
+    results, peak = asyncio.run(main())
+    for i, got in results:
+        assert got == alone[i]
+    assert 1 < peak <= engine.max_num_seqs
+    assert alone[0][0] == tm.GREETING_REPLY and alone[2][0] == tm.version_reply("1")
+
+
+def test_stop_strings_are_cut_and_never_leak_across_deltas(engine):
+    ids = chat_ids(engine, tm.GREETING)
+    text, _, reason = asyncio.run(run(engine, ids, SamplingParams(
+        max_tokens=60, temperature=0, stop=["help you", "zzz"])))
+    assert (text, reason) == (tm.GREETING_REPLY.split("help you")[0], "stop")
+
+
+def test_seed_makes_sampling_reproducible(engine):
+    ids = chat_ids(engine, tm.GREETING)
+    p = SamplingParams(max_tokens=15, temperature=1.5, top_p=0.9, seed=11, ignore_eos=True)
+    a = asyncio.run(run(engine, ids, p))
+    b = asyncio.run(run(engine, ids, p))
+    assert a == b and len(a[1]) == 15
+
+
+def test_context_and_budget_limits_are_400s(engine):
+    with pytest.raises(EngineError) as err:
+        engine.check(list(range(5)) * 100, SamplingParams())
+    assert err.value.status == 400 and err.value.code == "context_length_exceeded"
+    with pytest.raises(EngineError, match="maximum context length is 256"):
+        engine.check([1, 2, 3], SamplingParams(max_tokens=1000))
+    assert engine.check([1, 2, 3], SamplingParams()) == 256 - 3
+
+
+def test_cancelled_stream_leaves_the_batch(engine):
+    async def main():
+        ids = chat_ids(engine, tm.GREETING)
+        gen = engine.generate(ids, SamplingParams(max_tokens=200, temperature=0,
+                                                  ignore_eos=True))
+        seen = 0
+        async for _ in gen:
+            seen += 1
+            if seen == 3:
+                break
+        await gen.aclose()
+        before = engine.stats().aborted
+        for _ in range(100):
+            if engine.stats().running == 0:
+                break
+            await asyncio.sleep(0.01)
+        return before, engine.stats()
+
+    aborted, stats = asyncio.run(main())
+    assert aborted >= 1 and stats.running == 0
+
+
+def test_full_queue_is_overloaded_503(tiny_model):
+    """One running and one waiting fill an engine with max_num_seqs 1 and max_waiting 1: of
+    three simultaneous requests at least one is refused with a retryable 503; none hangs."""
+    small = CPUEngine(tiny_model, max_num_seqs=1, max_waiting=1)
+
+    async def main():
+        ids = chat_ids(small, tm.GREETING)
+        p = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+        return await asyncio.wait_for(asyncio.gather(
+            *[run(small, ids, p) for _ in range(3)], return_exceptions=True), timeout=60)
+
+    results = asyncio.run(main())
+    refused = [r for r in results if isinstance(r, EngineOverloaded)]
+    served = [r for r in results if isinstance(r, tuple)]
+    assert refused and served and len(refused) + len(served) == 3
+    assert all(r.status == 503 and r.retry_after for r in refused)
+    assert all(len(tokens) == 20 for _, tokens, _ in served)

@@ -1,0 +1,153 @@
+"""The OpenAI layer in-process: request validation, tool-call parsing and streaming, the
+SSE stream's shape, and usage -- the same code the Serve replicas run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from serve import testing as tm
+from serve.engines.base import EngineError
+from serve.engines.cpu import CPUEngine
+from serve.protocol import ChatCompletionRequest, CompletionRequest, unknown_fields
+from serve.serving import OpenAIServing
+from serve.tools import ToolStreamFilter, forced_prefix, parse_tool_calls
+
+
+@pytest.fixture(scope="module")
+def serving(tiny_model) -> OpenAIServing:
+    return OpenAIServing(CPUEngine(tiny_model, max_num_seqs=8), "tiny", root="test")
+
+
+def chat(**kw) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate({"model": "tiny", "messages": tm.GREETING,
+                                                 "temperature": 0, **kw})
+
+
+def sse_events(lines: list[str]) -> list:
+    out = []
+    for line in lines:
+        assert line.startswith("data: ") and line.endswith("\n\n")
+        payload = line[len("data: "):-2]
+        out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+async def collect(agen) -> list[str]:
+    return [x async for x in agen]
+
+
+def test_unknown_fields_are_kept_and_reported():
+    req = ChatCompletionRequest.model_validate({
+        "model": "m", "messages": [{"role": "user", "content": "hi", "audio": None}],
+        "store": True, "metadata": {"k": "v"}})
+    assert sorted(unknown_fields(req)) == ["messages[0].audio", "metadata", "store"]
+
+
+@pytest.mark.parametrize("body, where", [
+    ({"temperature": 2.5}, "temperature"),
+    ({"n": 17}, "n"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"logprobs": True}, "logprobs"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"messages": []}, "messages"),
+])
+def test_bad_values_fail_validation_naming_the_parameter(body, where):
+    with pytest.raises(ValidationError) as err:
+        ChatCompletionRequest.model_validate({"model": "m", "messages": tm.GREETING, **body})
+    e = err.value.errors()[0]
+    assert where in str(e["loc"]) or where in e["msg"]
+
+
+def test_tool_call_parsing_only_accepts_declared_tools_and_valid_json():
+    text = '<tool_call>{"name": "calculator", "arguments": {"expression": "1+1"}}</tool_call>'
+    calls, rest = parse_tool_calls(text, {"calculator"})
+    assert rest == "" and calls[0]["function"]["name"] == "calculator"
+    assert json.loads(calls[0]["function"]["arguments"]) == {"expression": "1+1"}
+    assert parse_tool_calls(text, {"convert_units"}) == (None, text)
+    broken = '<tool_call>{"name": "calculator", "arguments": {</tool_call>'
+    assert parse_tool_calls(broken, {"calculator"}) == (None, broken)
+
+
+def test_stream_filter_never_leaks_partial_markup():
+    f = ToolStreamFilter(True, {"calculator"})
+    sent = "".join(f.feed(piece) for piece in
+                   ["Sure", " <", "tool", "_call>", '{"name": "calculator", "arguments": {}}',
+                    "</tool_call>"])
+    assert sent == "Sure "
+    rest, calls = f.finish()
+    assert calls and calls[0]["function"]["name"] == "calculator" and rest == ""
+    plain = ToolStreamFilter(True, {"calculator"})
+    assert plain.feed("a <to") == "a " and plain.finish() == ("<to", None)
+    assert ToolStreamFilter(True, set()).feed("a <b") == "a <b"
+
+
+def test_forced_prefix_for_tool_choice():
+    assert forced_prefix("required", []) == "<tool_call>"
+    named = ChatCompletionRequest.model_validate({
+        "model": "m", "messages": tm.TOOL_QUESTION, "tools": tm.TOOLS,
+        "tool_choice": {"type": "function", "function": {"name": "convert_units"}}})
+    assert forced_prefix(named.tool_choice, named.tools) == \
+        '<tool_call>{"name": "convert_units", "arguments":'
+    assert forced_prefix("auto", []) == forced_prefix("none", []) == ""
+
+
+def test_chat_stream_shape_and_usage(serving):
+    full = asyncio.run(serving.chat(chat()))
+    assert full["choices"][0]["message"]["content"] == tm.GREETING_REPLY
+    events = sse_events(asyncio.run(collect(serving.chat_stream(
+        chat(stream=True, stream_options={"include_usage": True})))))
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    body = [c for c in chunks if c["choices"]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in body) == \
+        tm.GREETING_REPLY
+    assert [c["choices"][0]["finish_reason"] for c in body][-1] == "stop"
+    assert all(c["choices"][0]["finish_reason"] is None for c in body[:-1])
+    assert all(c["usage"] is None for c in body)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == full["usage"]
+
+
+def test_tool_calls_and_tool_choice_none(serving):
+    r = asyncio.run(serving.chat(chat(messages=tm.TOOL_QUESTION, tools=tm.TOOLS)))
+    choice = r["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] is None
+    assert json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"]) == \
+        tm.TOOL_CALL["arguments"]
+    # tool_choice none: no tools in the prompt, no parsing; the text is returned as is.
+    r = asyncio.run(serving.chat(chat(messages=tm.TOOL_QUESTION, tools=tm.TOOLS,
+                                      tool_choice="none", max_tokens=60)))
+    assert "tool_calls" not in r["choices"][0]["message"]
+
+
+def test_completions_with_several_prompts_and_n(serving):
+    req = CompletionRequest.model_validate({"model": "tiny", "temperature": 0, "n": 2,
+                                            "prompt": [tm.COMPLETION_PROMPT, "The quick"],
+                                            "max_tokens": 40})
+    r = asyncio.run(serving.completion(req))
+    assert [c["index"] for c in r["choices"]] == [0, 1, 2, 3]
+    assert r["choices"][0]["text"] == r["choices"][1]["text"] == tm.COMPLETION_TEXT
+    tok = serving.engine.tokenizer
+    assert r["usage"]["prompt_tokens"] == len(tok.encode(tm.COMPLETION_PROMPT)) + \
+        len(tok.encode("The quick"))
+    events = sse_events(asyncio.run(collect(serving.completion_stream(
+        CompletionRequest.model_validate({**req.model_dump(exclude_none=True),
+                                          "stream": True})))))
+    texts = {i: "" for i in range(4)}
+    for e in events[:-1]:
+        texts[e["choices"][0]["index"]] += e["choices"][0]["text"]
+    assert texts == {c["index"]: c["text"] for c in r["choices"]}
+
+
+def test_too_long_prompt_is_refused_before_the_stream_starts(serving):
+    gen = serving.chat_stream(chat(messages=[{"role": "user", "content": "word " * 400}],
+                                   stream=True))
+    with pytest.raises(EngineError) as err:
+        asyncio.run(gen.__anext__())
+    assert err.value.status == 400 and err.value.code == "context_length_exceeded"

@@ -1,0 +1,141 @@
+"""The serve config: what it renders for Ray Serve (checked against Ray's own schema) and every
+bad config refused with the field named, before anything is deployed."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from raycluster.catalog import load_catalog
+from raycluster.spec import SpecError
+from serve.config import ServeAppConfig
+from serve.engines.vllm import derived_gpu_memory_utilization
+
+CONFIGS = Path(__file__).resolve().parents[3] / "serve" / "configs"
+RAYPLANE = [sys.executable, "-c", "from raycluster.cli import main; main()"]
+
+
+@pytest.fixture()
+def doc() -> dict:
+    return {
+        "name": "openai",
+        "models": [{"name": "chat", "source": "models:/chat@champion", "pool": "a100-mig",
+                    "autoscaling": {"min_replicas": 0, "max_replicas": 3}}],
+        "api_keys": {"file": "/etc/rayplane/api-keys"},
+    }
+
+
+def refused(doc: dict) -> str:
+    with pytest.raises(SpecError) as err:
+        ServeAppConfig.parse(doc).to_serve_config(load_catalog())
+    return str(err.value)
+
+
+def app_of(doc: dict) -> dict:
+    rendered = ServeAppConfig.parse(doc).to_serve_config(load_catalog())
+    ServeDeploySchema.model_validate(rendered)  # what `serve deploy` and KubeRay accept
+    (app,) = rendered["applications"]
+    return app
+
+
+def test_shipped_configs_render_to_valid_serve_configs():
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        rendered = ServeAppConfig.from_file(path).to_serve_config(load_catalog())
+        ServeDeploySchema.model_validate(rendered)
+        assert rendered["applications"][0]["import_path"].startswith("serve.")
+
+
+def test_cpu_engine_on_a_gpu_pool_takes_a_pool_unit_and_no_ray_cpus(doc):
+    app = app_of(doc)
+    assert app["import_path"] == "serve.app:build_app"
+    deployments = {d["name"]: d for d in app["deployments"]}
+    model = deployments["model-chat"]
+    # Locally GPU-pool nodes advertise the pool with num-cpus 0: asking for CPUs would
+    # never schedule; the pool resource places the replica on that pool, as on EKS.
+    assert model["ray_actor_options"] == {"num_cpus": 0, "resources": {"pool:a100-mig": 1.0}}
+    assert model["autoscaling_config"]["min_replicas"] == 0  # scale to zero (development)
+    assert model["autoscaling_config"]["initial_replicas"] == 1
+    assert model["autoscaling_config"]["max_replicas"] == 3
+    ingress = deployments["OpenAIIngress"]
+    assert ingress["ray_actor_options"]["resources"] == {"pool:cpu": 0.1}
+    # Keys are referenced, never inlined.
+    assert app["args"]["api_keys"] == {"env": None, "file": "/etc/rayplane/api-keys"}
+    assert "rp-" not in json.dumps(app)
+
+
+def test_cpu_engine_on_the_cpu_pool_takes_cores(doc):
+    doc["models"][0].update(pool="cpu", cpus=2)
+    model = next(d for d in app_of(doc)["deployments"] if d["name"] == "model-chat")
+    assert model["ray_actor_options"] == {"num_cpus": 2.0, "resources": {"pool:cpu": 2.0}}
+    assert app_of(doc)["args"]["models"][0]["threads"] == 2
+
+
+def test_vllm_app_uses_ray_serve_llm_with_pool_knowledge(doc):
+    doc["models"][0]["engine"] = "vllm"
+    app = app_of(doc)
+    assert app["import_path"] == "serve.engines.vllm:build_app"
+    (llm,) = app["args"]["llm_configs"]
+    assert llm["accelerator_type"] == "A100-80G"
+    assert llm["engine_kwargs"]["gpu_memory_utilization"] == 0.9  # a MIG instance is its own
+    assert llm["placement_group_config"]["bundles"] == [{"GPU": 1, "pool:a100-mig": 1,
+                                                         "CPU": 1.0}]
+    assert llm["deployment_config"]["autoscaling_config"]["min_replicas"] == 0
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda d: d["models"][0].update(pool="a100-big"),
+     "models[0].pool: 'a100-big' is not a pool"),
+    (lambda d: d["models"][0].update(engin="cpu"),
+     "models[0].engin: unknown field (did you mean 'engine'?)"),
+    (lambda d: d["models"][0].update(engine="tgi"), "models[0].engine:"),
+    (lambda d: d["models"][0]["autoscaling"].update(min_replicas=4),
+     "min_replicas (4) is greater than max_replicas (3)"),
+    (lambda d: d.pop("api_keys"), "api_keys: required"),
+    (lambda d: d.update(api_keys={}), "api_keys: name an env variable or a file"),
+    (lambda d: d["models"].append(dict(d["models"][0])), "models[1].name: 'chat' is also"),
+    (lambda d: d["models"].append({**d["models"][0], "name": "b", "engine": "vllm"}),
+     "models[1].engine: 'vllm' differs from models[0].engine 'cpu'"),
+    (lambda d: d["models"][0].update(source="hf://gpt2"), "unsupported scheme"),
+    (lambda d: d["models"][0].update(source="models:/chat"), "not a registry reference"),
+    (lambda d: d["models"][0].update(engine_kwargs={"max_num_seqs": 4}),
+     "set it as the model's own field"),
+    (lambda d: d.update(ingress={"pool": "gpu"}), "ingress.pool: 'gpu' is not a pool"),
+])
+def test_bad_configs_are_refused_naming_the_field(doc, change, expected):
+    bad = copy.deepcopy(doc)
+    change(bad)
+    message = refused(bad)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_cli_dry_run_prints_the_serve_config_and_errors_exit_2(tmp_path, doc):
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    out = subprocess.run([*RAYPLANE, "serve", "up", str(cfg), "--dry-run"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    ServeDeploySchema.model_validate(json.loads(out.stdout))
+    doc["models"][0]["pool"] = "a100-mgi"
+    cfg.write_text(yaml.safe_dump(doc))
+    out = subprocess.run([*RAYPLANE, "serve", "up", str(cfg), "--dry-run"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    err = out.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "models[0].pool: 'a100-mgi' is not a pool (did you mean 'a100-mig'?)" in err
+
+
+def test_timeslice_derivation_is_visible_in_the_rendered_config(doc):
+    doc["models"][0].update(engine="vllm", pool="a100-timeslice")
+    (llm,) = app_of(doc)["args"]["llm_configs"]
+    pool = load_catalog().pool("a100-timeslice")
+    assert llm["engine_kwargs"]["gpu_memory_utilization"] == \
+        derived_gpu_memory_utilization(pool) == 0.3
