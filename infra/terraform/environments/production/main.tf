@@ -35,7 +35,7 @@ module "network" {
 
   name               = var.cluster_name
   cidr               = var.vpc_cidr
-  az_count           = var.az_count
+  availability_zones = var.availability_zones
   single_nat_gateway = var.single_nat_gateway
   kms_key_arn        = module.security.data_kms_key_arn
 }

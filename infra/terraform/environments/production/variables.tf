@@ -32,10 +32,15 @@ variable "vpc_cidr" {
   default     = "10.0.0.0/16"
 }
 
-variable "az_count" {
-  description = "Availability zones the nodes, NAT gateways and EFS mount targets spread across."
-  type        = number
-  default     = 3
+variable "availability_zones" {
+  description = "Availability zones of the region to spread nodes, NAT gateways and EFS mount targets across (pick zones that offer p4d/p4de/p5 capacity)."
+  type        = list(string)
+  default     = ["us-east-1a", "us-east-1b", "us-east-1c"]
+
+  validation {
+    condition     = alltrue([for az in var.availability_zones : startswith(az, var.region)])
+    error_message = "var.availability_zones must be zones of var.region (set both when changing region)."
+  }
 }
 
 variable "single_nat_gateway" {

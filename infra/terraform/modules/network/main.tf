@@ -1,17 +1,24 @@
-# A VPC across az_count zones: private subnets for the nodes (and pods, through the VPC CNI),
+# A VPC across the named availability zones: private subnets for the nodes (and pods, through the VPC CNI),
 # public subnets for internet-facing load balancers, NAT for the nodes' egress, flow logs.
 
-data "aws_availability_zones" "available" {
+data "aws_availability_zones" "selected" {
   state = "available"
-  # Local and Wavelength zones cannot hold EKS nodes.
   filter {
-    name   = "opt-in-status"
-    values = ["opt-in-not-required"]
+    name   = "zone-name"
+    values = var.availability_zones
+  }
+
+  lifecycle {
+    postcondition {
+      condition     = length(self.names) == length(var.availability_zones)
+      error_message = "var.availability_zones names zones that are not available in this region: ${join(", ", setsubtract(var.availability_zones, self.names))}."
+    }
   }
 }
 
 locals {
-  azs = slice(data.aws_availability_zones.available.names, 0, var.az_count)
+  # The zones as named (keys known at plan time); the data source above only checks them.
+  azs = var.availability_zones
   # /16 -> private /19s (room for pods) and public /22s, one each per zone.
   private_cidrs = { for i, az in local.azs : az => cidrsubnet(var.cidr, 3, i) }
   public_cidrs  = { for i, az in local.azs : az => cidrsubnet(var.cidr, 6, 48 + i) }

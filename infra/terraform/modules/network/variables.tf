@@ -19,14 +19,18 @@ variable "cidr" {
   }
 }
 
-variable "az_count" {
-  description = "Availability zones to spread the subnets (and so the nodes, NAT gateways and EFS mount targets) across."
-  type        = number
-  default     = 3
+variable "availability_zones" {
+  description = "Availability zones (names) to spread the subnets, and so the nodes, NAT gateways and EFS mount targets, across. Named, not counted, so the set never changes when AWS adds a zone; pick zones that offer the pools' GPU instance types."
+  type        = list(string)
 
   validation {
-    condition     = var.az_count >= 2 && var.az_count <= 4
-    error_message = "var.az_count must be 2 to 4: EKS needs subnets in at least two zones."
+    condition     = length(var.availability_zones) >= 2 && length(var.availability_zones) <= 4 && length(distinct(var.availability_zones)) == length(var.availability_zones)
+    error_message = "var.availability_zones must name 2 to 4 distinct zones: EKS needs subnets in at least two."
+  }
+
+  validation {
+    condition     = alltrue([for az in var.availability_zones : can(regex("^[a-z]{2}(-gov)?-[a-z]+-[0-9][a-z]$", az))])
+    error_message = "var.availability_zones must hold zone names such as us-east-1a."
   }
 }
 

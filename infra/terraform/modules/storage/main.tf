@@ -136,7 +136,7 @@ resource "aws_s3_bucket" "access_logs" {
   #checkov:skip=CKV_AWS_18:This is the access-log target itself; logging it into itself would loop.
   #checkov:skip=CKV_AWS_144:Access logs stay in the region of the bucket they describe.
   #checkov:skip=CKV_AWS_145:S3 server access logging delivers only to buckets encrypted with SSE-S3, not SSE-KMS.
-  #checkov:skip=CKV2_AWS_62:Nothing consumes access-log events.
+  #checkov:skip=CKV2_AWS_62:Nothing consumes access-log events; the logs are read on demand, in audits.
   bucket        = "${local.bucket_name}-access-logs"
   force_destroy = var.force_destroy
   tags          = merge(var.tags, { Name = "${local.bucket_name}-access-logs" })
