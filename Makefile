@@ -10,7 +10,10 @@ FIND_LINKS ?= $(or $(PIP_FIND_LINKS),/opt/wheels)
 VENV := .venv
 PYTEST_ARGS ?=
 
-.PHONY: env demo test test-unit test-integration down status lint clean
+.PHONY: env system-deps demo test test-unit test-integration down status lint clean
+
+# Services the platform runs beside Ray when asked and the tests use for real: Debian's
+# prometheus (with promtool).
 
 $(UV):
 	$(PYTHON) -m venv .tools
@@ -22,6 +25,16 @@ $(VENV)/.synced: $(UV) pyproject.toml uv.lock
 
 env: $(VENV)/.synced
 
+system-deps:
+	@missing=""; \
+	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing (apt-get)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
 demo: env
 	$(VENV)/bin/rayplane demo
 
@@ -31,13 +44,13 @@ down: env
 status: env
 	$(VENV)/bin/rayplane status
 
-test: env
+test: env system-deps
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test-unit: env
 	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
 
-test-integration: env
+test-integration: env system-deps
 	$(VENV)/bin/pytest tests/integration $(PYTEST_ARGS)
 
 lint: env

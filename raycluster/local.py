@@ -32,12 +32,12 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from raycluster.catalog import Catalog, Pool, load_catalog
+from raycluster.catalog import Catalog, load_catalog
 from raycluster.cli import CatalogOpt, UserError, app, console, err_console
 
 #: Ray processes need these to enforce and to present the cluster token.
@@ -45,7 +45,9 @@ AUTH_MODE_ENV = "RAY_AUTH_MODE"
 AUTH_TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
 
 DEFAULT_PORTS = {"gcs": 6379, "dashboard": 8265, "client": 10001, "mlflow": 5000,
-                 "serve": 8000, "agents": 8001}
+                 "serve": 8000, "agents": 8001, "prometheus": 9090}
+#: Ports of the services that only run when asked for.
+OPTIONAL_PORTS = {"prometheus": "metrics"}
 PORT_ENV = {name: f"RAYPLANE_{name.upper()}_PORT" for name in DEFAULT_PORTS}
 
 
@@ -74,8 +76,12 @@ class ManagedProcess:
             cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             return False
+        if _is_zombie(self.pid):
+            return False
+        if not any(cmdline):  # just forked, not yet exec'd: it is ours
+            return True
         first = Path(self.argv[0]).name.encode()
-        return any(first in part for part in cmdline[:3]) and not _is_zombie(self.pid)
+        return any(first in part for part in cmdline[:3])
 
 
 def _is_zombie(pid: int) -> bool:
@@ -107,6 +113,8 @@ class LocalState:
     catalog: str | None = None
     mlflow_backend_uri: str = ""
     mlflow_artifacts: str = ""
+    metrics: bool = False
+    workers_per_pool: int = 2
 
     @property
     def path(self) -> Path:
@@ -133,7 +141,7 @@ class LocalCluster:
 
     def __init__(self, state_dir: Path | None = None, catalog: Catalog | None = None,
                  catalog_path: Path | None = None, ports: dict[str, int] | None = None,
-                 workers_per_pool: int = 2):
+                 workers_per_pool: int = 2, metrics: bool = False):
         self.state_dir = (state_dir or default_state_dir()).resolve()
         self.catalog_path = catalog_path
         self.catalog = catalog or load_catalog(catalog_path)
@@ -143,6 +151,20 @@ class LocalCluster:
         # A GPU pool's local node stands for this many KubeRay workers of the pool, so a
         # multi-worker (DDP) run fits on it.
         self.workers_per_pool = workers_per_pool
+        # Metrics: a real Prometheus scraping every Ray node through Ray's service discovery
+        # file; the dashboard's metrics views query it.
+        self.metrics = metrics
+
+    @classmethod
+    def attach(cls, state_dir: Path | None = None) -> LocalCluster:
+        """The platform recorded in ``state_dir``, with the ports and options it was started
+        with (or the defaults when nothing was started there)."""
+        state_dir = (state_dir or default_state_dir()).resolve()
+        st = LocalState.load(state_dir)
+        if st is None:
+            return cls(state_dir)
+        return cls(state_dir, catalog_path=Path(st.catalog) if st.catalog else None,
+                   ports=st.ports, workers_per_pool=st.workers_per_pool, metrics=st.metrics)
 
     # -- paths and addresses ------------------------------------------------------------
 
@@ -172,6 +194,10 @@ class LocalCluster:
     @property
     def mlflow_uri(self) -> str:
         return f"http://127.0.0.1:{self.ports['mlflow']}"
+
+    @property
+    def prometheus_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['prometheus']}"
 
     @property
     def serve_url(self) -> str:
@@ -226,6 +252,8 @@ class LocalCluster:
         if existing and existing.processes:
             if all(p.alive() for p in existing.processes):
                 self.ports = existing.ports
+                self.metrics = existing.metrics
+                self.workers_per_pool = existing.workers_per_pool
                 return existing
             # Part of an earlier platform is still running (or died): clean it up first.
             self.down()
@@ -239,10 +267,17 @@ class LocalCluster:
         temp_dir.mkdir(parents=True, exist_ok=True)
         st = LocalState(state_dir=str(self.state_dir), ports=dict(self.ports),
                         temp_dir=str(temp_dir),
-                        catalog=str(self.catalog_path) if self.catalog_path else None)
+                        catalog=str(self.catalog_path) if self.catalog_path else None,
+                        metrics=self.metrics,
+                        workers_per_pool=self.workers_per_pool)
         st.save()
         step = progress or (lambda msg: None)
         try:
+            if self.metrics:
+                step("starting Prometheus")
+                st.processes.append(self._start_prometheus(temp_dir))
+                st.save()
+                self._wait_http(f"{self.prometheus_url}/-/ready", timeout, st, "Prometheus")
             plan = self.node_plan()
             st.nodes = [asdict(n) for n in plan]
             # One node at a time: `ray start` gives a raylet 30 s to register, which a
@@ -304,11 +339,13 @@ class LocalCluster:
         env.pop("RAY_ADDRESS", None)
         return env
 
-    def _spawn(self, name: str, argv: list[str]) -> ManagedProcess:
+    def _spawn(self, name: str, argv: list[str],
+               extra_env: dict[str, str] | None = None) -> ManagedProcess:
         log = self.state_dir / "logs" / f"{name}.log"
         with open(log, "ab") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=self._process_env(),
+                                    stdin=subprocess.DEVNULL,
+                                    env={**self._process_env(), **(extra_env or {})},
                                     start_new_session=True, cwd=self.state_dir)
         return ManagedProcess(name=name, pid=proc.pid, argv=argv, log=str(log))
 
@@ -325,14 +362,31 @@ class LocalCluster:
         for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                      "runtime-env-agent-port", "metrics-export-port"):
             argv.append(f"--{flag}={free_port()}")
+        extra_env: dict[str, str] = {}
         if node.role == "head":
             argv += ["--head", f"--port={self.ports['gcs']}",
                      "--dashboard-host=127.0.0.1", f"--dashboard-port={self.ports['dashboard']}",
                      f"--ray-client-server-port={self.ports['client']}",
                      f"--temp-dir={temp_dir}"]
+            if self.metrics:
+                extra_env["RAY_PROMETHEUS_HOST"] = self.prometheus_url
         else:
             argv += [f"--address={self.address}"]
-        return self._spawn(f"ray-{node.role}-{node.pool}", argv)
+        return self._spawn(f"ray-{node.role}-{node.pool}", argv, extra_env)
+
+    def _start_prometheus(self, temp_dir: Path) -> ManagedProcess:
+        prometheus = shutil.which("prometheus")
+        if prometheus is None:
+            raise UserError("metrics need prometheus on PATH (apt-get install prometheus)")
+        prom_dir = self.state_dir / "prometheus"
+        prom_dir.mkdir(exist_ok=True)
+        config = prom_dir / "prometheus.yml"
+        config.write_text(prometheus_config(temp_dir))
+        argv = [prometheus, f"--config.file={config}",
+                f"--storage.tsdb.path={prom_dir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.ports['prometheus']}",
+                "--storage.tsdb.retention.time=1d"]
+        return self._spawn("prometheus", argv)
 
     def _start_mlflow(self, st: LocalState) -> ManagedProcess:
         mlflow_dir = self.state_dir / "mlflow"
@@ -353,6 +407,8 @@ class LocalCluster:
 
     def _check_ports_free(self) -> None:
         for name, port in self.ports.items():
+            if name in OPTIONAL_PORTS and not getattr(self, OPTIONAL_PORTS[name]):
+                continue
             if not port_is_free(port):
                 raise UserError(
                     f"port {port} ({name}) is in use by another process; stop it or choose "
@@ -424,6 +480,7 @@ class LocalCluster:
             "openai_base_url": f"{self.serve_url}/v1",
             "mlflow": self.mlflow_uri,
             "agents": self.agents_url,
+            "prometheus": self.prometheus_url if st and st.metrics else None,
             "token_file": str(self.token_path),
             "api_key_file": str(self.api_key_path),
             "processes": [{"name": p.name, "pid": p.pid, "alive": p.alive()}
@@ -448,6 +505,19 @@ class LocalCluster:
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+def prometheus_config(temp_dir: Path) -> str:
+    """Scrape every Ray node through the service-discovery file Ray's head keeps current."""
+    discovery = temp_dir / "prom_metrics_service_discovery.json"
+    return (
+        "global:\n  scrape_interval: 5s\n  evaluation_interval: 5s\n"
+        "scrape_configs:\n"
+        "  - job_name: ray\n"
+        "    file_sd_configs:\n"
+        f"      - files: ['{discovery}']\n"
+        "        refresh_interval: 5s\n"
+    )
 
 
 def port_is_free(port: int) -> bool:
@@ -534,7 +604,7 @@ def _group_alive(pgid: int) -> bool:
 
 # -- CLI ----------------------------------------------------------------------------------
 
-StateOpt = Annotated[Optional[Path], typer.Option("--state-dir", envvar="RAYPLANE_STATE_DIR",
+StateOpt = Annotated[Path | None, typer.Option("--state-dir", envvar="RAYPLANE_STATE_DIR",
                                                   help="State folder (default ./.rayplane).")]
 
 
@@ -542,9 +612,12 @@ StateOpt = Annotated[Optional[Path], typer.Option("--state-dir", envvar="RAYPLAN
 def up_cmd(catalog_file: CatalogOpt = None, state_dir: StateOpt = None,
            workers_per_pool: int = typer.Option(2, min=1, max=8,
                                                 help="KubeRay workers each local GPU-pool node "
-                                                     "stands for.")) -> None:
+                                                     "stands for."),
+           metrics: bool = typer.Option(False, "--metrics", envvar="RAYPLANE_METRICS",
+                                        help="A local Prometheus scraping every Ray node.")) -> None:
     """Start the local platform: a multi-node Ray cluster (one node per pool) and MLflow."""
-    cluster = LocalCluster(state_dir, catalog_path=catalog_file, workers_per_pool=workers_per_pool)
+    cluster = LocalCluster(state_dir, catalog_path=catalog_file, workers_per_pool=workers_per_pool,
+                           metrics=metrics)
     if cluster.is_up():
         console.print("rayplane is already up")
     else:
@@ -556,7 +629,7 @@ def up_cmd(catalog_file: CatalogOpt = None, state_dir: StateOpt = None,
 @app.command("down")
 def down_cmd(state_dir: StateOpt = None) -> None:
     """Stop exactly the processes ``rayplane up`` started (by pid)."""
-    cluster = LocalCluster(state_dir)
+    cluster = LocalCluster.attach(state_dir)
     stopped = cluster.down()
     console.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
 
@@ -565,9 +638,7 @@ def down_cmd(state_dir: StateOpt = None) -> None:
 def status_cmd(state_dir: StateOpt = None,
                as_json: bool = typer.Option(False, "--json", help="For scripts.")) -> None:
     """Nodes, pools and URLs of the local platform."""
-    st = LocalState.load((state_dir or default_state_dir()).resolve())
-    cluster = LocalCluster(state_dir, ports=st.ports if st else None,
-                           catalog_path=Path(st.catalog) if st and st.catalog else None)
+    cluster = LocalCluster.attach(state_dir)
     info = cluster.status()
     if as_json:
         print(json.dumps(info, indent=2))
@@ -588,8 +659,7 @@ def status_cmd(state_dir: StateOpt = None,
 @app.command("env")
 def env_cmd(state_dir: StateOpt = None) -> None:
     """Shell exports for clients: eval "$(rayplane env)" then `ray job submit ...`."""
-    st = LocalState.load((state_dir or default_state_dir()).resolve())
-    cluster = LocalCluster(state_dir, ports=st.ports if st else None)
+    cluster = LocalCluster.attach(state_dir)
     for key, value in cluster.env().items():
         print(f"export {key}={_shell_quote(value)}")
 
@@ -603,6 +673,8 @@ def _shell_quote(value: str) -> str:
 def _print_urls(cluster: LocalCluster) -> None:
     console.print(f"Ray dashboard   {cluster.dashboard_url}")
     console.print(f"MLflow UI       {cluster.mlflow_uri}")
+    if cluster.metrics:
+        console.print(f"Prometheus      {cluster.prometheus_url}")
     console.print(f"Serve (OpenAI)  {cluster.serve_url}/v1")
     console.print(f"cluster token   {cluster.token_path}")
     console.print(f"API key file    {cluster.api_key_path}")
