@@ -37,9 +37,17 @@ from pathlib import Path
 
 import boto3
 import pytest
+import yaml
 
 from raycluster.catalog import Catalog, load_catalog
-from raycluster.terraform import EKS_TAINT_EFFECT, TERRAFORM_DIR, TFVARS_NAME, write_tfvars
+from raycluster.terraform import (
+    AMI_TYPE_CPU,
+    AMI_TYPE_GPU,
+    EKS_TAINT_EFFECT,
+    TERRAFORM_DIR,
+    TFVARS_NAME,
+    write_tfvars,
+)
 
 TERRAFORM = shutil.which("terraform")
 MIRROR = Path("/opt/tf-plugins/registry.terraform.io/hashicorp/aws")
@@ -69,12 +77,18 @@ TF_DIRS = sorted(str(p.relative_to(TERRAFORM_DIR)) for p in
 
 #: The environment's switches for what moto lacks, and why each is off here.
 MOTO_GATES = {
-    "enable_eks_addons": ("aws_eks_addon", "moto has no EKS add-on API (CreateAddon/DescribeAddon):"
-                          " VPC CNI, kube-proxy, CoreDNS and the EBS/EFS CSI drivers are not applied"),
-    "enable_access_entries": ("aws_eks_access_entry", "moto has no EKS access-entry API "
-                              "(CreateAccessEntry/AssociateAccessPolicy): cluster admins are not applied"),
-    "enable_backup_policies": ("aws_dlm_lifecycle_policy", "moto has no Data Lifecycle Manager and no "
-                               "EFS PutBackupPolicy: EBS snapshots and EFS backups are not applied"),
+    "enable_eks_addons": (
+        "aws_eks_addon",
+        ("moto has no EKS add-on API (CreateAddon/DescribeAddon): VPC CNI, kube-proxy, CoreDNS "
+         "and the EBS/EFS CSI drivers are not applied")),
+    "enable_access_entries": (
+        "aws_eks_access_entry",
+        ("moto has no EKS access-entry API (CreateAccessEntry/AssociateAccessPolicy): cluster "
+         "admins are not applied")),
+    "enable_backup_policies": (
+        "aws_dlm_lifecycle_policy",
+        ("moto has no Data Lifecycle Manager and no EFS PutBackupPolicy: EBS snapshots and EFS "
+         "backups are not applied")),
 }
 
 A10G_POOL = {
@@ -103,9 +117,10 @@ def terraform(*args: str, cwd: Path, timeout: float = 240) -> subprocess.Complet
     # Flags go before positional arguments; `state` subcommands print no colour anyway.
     cmd = [TERRAFORM, *args] if args[0] == "state" else [TERRAFORM, args[0], "-no-color", *args[1:]]
     proc = subprocess.run(cmd, cwd=cwd, env=tf_env(), capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, check=False)
     assert proc.returncode == 0, (f"terraform {' '.join(args)} in {cwd} failed "
-                                  f"({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+                                  f"({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                                  f"{proc.stderr[-4000:]}")
     return proc
 
 
@@ -116,7 +131,7 @@ def copy_configuration(dest: Path) -> Path:
     return dest
 
 
-# -- checkov, fmt and validate --------------------------------------------------------------------------
+# -- checkov, fmt and validate ----------------------------------------------------------
 
 @pytest.mark.skipif(not UVX.is_file(), reason=f"needs uvx at {UVX} to run {CHECKOV}")
 def test_checkov_passes_with_every_skip_justified(tmp_path: Path):
@@ -125,10 +140,12 @@ def test_checkov_passes_with_every_skip_justified(tmp_path: Path):
         [str(UVX), "--from", CHECKOV, "checkov", "-d", str(TERRAFORM_DIR), "--framework",
          "terraform", "--compact", "--skip-download", "-o", "json",
          "--output-file-path", str(report)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "BC_SKIP_MAPPING": "TRUE"})
+        capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "BC_SKIP_MAPPING": "TRUE"})
     results = json.loads((report / "results_json.json").read_text())
     summary, checks = results["summary"], results["results"]
-    failed = [f"{c['check_id']} {c['resource']} ({c['file_path']})" for c in checks["failed_checks"]]
+    failed = [f"{c['check_id']} {c['resource']} ({c['file_path']})"
+              for c in checks["failed_checks"]]
     assert failed == [] and proc.returncode == 0, failed or proc.stderr[-2000:]
     assert summary["passed"] > 250  # the modules were really scanned
     assert summary["skipped"] == len(checks["skipped_checks"]) > 0
@@ -327,10 +344,11 @@ def test_every_catalog_pool_is_a_node_group_with_its_shape(deployment: Deploymen
         ng = eks.describe_nodegroup(clusterName=CLUSTER, nodegroupName=pool.name)["nodegroup"]
         assert ng["instanceTypes"] == pool.instance_types, pool.name
         assert ng["capacityType"] == pool.capacity_type.value, pool.name
-        assert ng["amiType"] == ("AL2023_x86_64_NVIDIA" if pool.has_gpu else "AL2023_x86_64_STANDARD")
+        assert ng["amiType"] == (AMI_TYPE_GPU if pool.has_gpu else AMI_TYPE_CPU), pool.name
         assert ng["labels"] == pool.node_labels, pool.name
-        assert ng["taints"] == [{"key": t.key, "value": t.value, "effect": EKS_TAINT_EFFECT[t.effect]}
-                                for t in pool.taints], pool.name
+        assert ng["taints"] == [
+            {"key": t.key, "value": t.value, "effect": EKS_TAINT_EFFECT[t.effect]}
+            for t in pool.taints], pool.name
         desired = pool.desired_nodes if pool.desired_nodes is not None else pool.min_nodes
         assert ng["scalingConfig"] == {"minSize": pool.min_nodes, "maxSize": pool.max_nodes,
                                        "desiredSize": desired}, pool.name
@@ -372,16 +390,16 @@ def test_the_cluster_is_private_allow_listed_encrypted_and_logged(deployment: De
 @applies
 def test_the_network_spans_three_zones_with_load_balancer_tags(deployment: Deployment):
     ec2 = deployment.client("ec2")
-    subnets = ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [deployment.out["vpc_id"]]}])[
-        "Subnets"]
-    private = [s for s in subnets if _tags(s.get("Tags")).get("kubernetes.io/role/internal-elb") == "1"]
-    public = [s for s in subnets if _tags(s.get("Tags")).get("kubernetes.io/role/elb") == "1"]
+    in_vpc = [{"Name": "vpc-id", "Values": [deployment.out["vpc_id"]]}]
+    subnets = ec2.describe_subnets(Filters=in_vpc)["Subnets"]
+    private = [s for s in subnets if _tags(s["Tags"]).get("kubernetes.io/role/internal-elb") == "1"]
+    public = [s for s in subnets if _tags(s["Tags"]).get("kubernetes.io/role/elb") == "1"]
     assert sorted(s["SubnetId"] for s in private) == sorted(deployment.out["private_subnet_ids"])
     assert len({s["AvailabilityZone"] for s in private}) == 3
     assert len({s["AvailabilityZone"] for s in public}) == 3
     assert all(_tags(s["Tags"])[f"kubernetes.io/cluster/{CLUSTER}"] == "shared" for s in subnets)
     assert not any(s["MapPublicIpOnLaunch"] for s in subnets)
-    nats = ec2.describe_nat_gateways(Filters=[{"Name": "vpc-id", "Values": [deployment.out["vpc_id"]]}])
+    nats = ec2.describe_nat_gateways(Filters=in_vpc)
     assert len([n for n in nats["NatGateways"] if n["State"] == "available"]) == 3
     flow_logs = ec2.describe_flow_logs()["FlowLogs"]
     assert [f["ResourceId"] for f in flow_logs] == [deployment.out["vpc_id"]]
@@ -453,7 +471,8 @@ def test_irsa_roles_reach_exactly_the_bucket(deployment: Deployment):
         role = iam.get_role(RoleName=role_name)["Role"]
         (trust,) = role["AssumeRolePolicyDocument"]["Statement"]
         assert trust["Principal"] == {"Federated": deployment.out["oidc_provider_arn"]}
-        subjects = next(v for k, v in trust["Condition"]["StringEquals"].items() if k.endswith(":sub"))
+        subjects = next(v for k, v in trust["Condition"]["StringEquals"].items()
+                        if k.endswith(":sub"))
         assert set([subjects] if isinstance(subjects, str) else subjects) == expected_subjects[name]
         assert iam.list_attached_role_policies(RoleName=role_name)["AttachedPolicies"] == []
         for policy_name in iam.list_role_policies(RoleName=role_name)["PolicyNames"]:
@@ -467,8 +486,6 @@ def test_irsa_roles_reach_exactly_the_bucket(deployment: Deployment):
 
 @applies
 def test_storage_classes_manifest_names_the_file_system_and_key(deployment: Deployment):
-    import yaml
-
     docs = list(yaml.safe_load_all(deployment.out["storage_classes_manifest"]))
     by_name = {d["metadata"]["name"]: d for d in docs}
     assert by_name["gp3"]["parameters"]["kmsKeyId"] == deployment.out["data_kms_key_arn"]

@@ -114,7 +114,9 @@ def test_a_pool_eks_cannot_build_is_refused_naming_the_field():
 
 
 def test_write_tfvars_writes_what_terraform_loads(tmp_path: Path):
-    path = write_tfvars(load_catalog(), tmp_path / "environments" / "staging" / "pools.auto.tfvars.json")
+    target = tmp_path / "environments" / "staging" / "pools.auto.tfvars.json"
+    path = write_tfvars(load_catalog(), target)
+    assert path == target
     assert path.is_file()
     assert json.loads(path.read_text()) == render_tfvars(load_catalog())
 
@@ -141,7 +143,8 @@ def test_rendered_pool_fields_are_the_terraform_variable_type(variables_tf: Path
 TF_FILES = sorted(TERRAFORM_DIR.glob("*/**/variables.tf"))
 
 
-@pytest.mark.parametrize("variables_tf", TF_FILES, ids=lambda p: str(p.parent.relative_to(TERRAFORM_DIR)))
+@pytest.mark.parametrize("variables_tf", TF_FILES,
+                         ids=lambda p: str(p.parent.relative_to(TERRAFORM_DIR)))
 def test_variables_are_typed_described_and_validations_name_the_variable(variables_tf: Path):
     text = variables_tf.read_text()
     blocks = re.findall(r'^variable "([a-z_0-9]+)" \{(.*?)^\}', text, re.DOTALL | re.MULTILINE)
@@ -151,4 +154,5 @@ def test_variables_are_typed_described_and_validations_name_the_variable(variabl
         assert re.search(r'^  description\s*=\s*"\S', body, re.MULTILINE), (
             f"{variables_tf}: {name} has no description")
         for message in re.findall(r'error_message\s*=\s*"(.*)"', body):
-            assert f"var.{name}" in message, f"{variables_tf}: a validation of {name} does not name it"
+            assert f"var.{name}" in message, (
+                f"{variables_tf}: a validation of {name} does not name it")
