@@ -80,6 +80,7 @@ class ModelServer:
         from serve.serving import OpenAIServing
 
         self.name = model["name"]
+        self.stream_interval_s = float(model.get("stream_interval_ms", 50)) / 1000
         self.source = model["source"]
         self.path = fetch_model(self.source, tracking_uri=mlflow_tracking_uri)
         self._downloaded = str(self.path) != self.source
@@ -87,7 +88,8 @@ class ModelServer:
         self.engine = CPUEngine(self.path, max_num_seqs=int(model.get("max_num_seqs") or 16),
                                 max_model_len=model.get("max_model_len"), num_threads=threads)
         self.serving = OpenAIServing(self.engine, self.name, root=self.source,
-                                     observer=ModelMetrics(self.name))
+                                     observer=ModelMetrics(self.name),
+                                     stream_interval_s=self.stream_interval_s)
         logger.info("model %s from %s ready (%s, max_model_len %d)", self.name, self.source,
                     self.path, self.engine.max_model_len)
 

@@ -125,6 +125,31 @@ def _first_line(text: str) -> str:
     return (lines[-1] if lines else "no message")[:400]
 
 
+def deploy(config_file: str | Path = DEFAULT_CONFIG, *, source: str | None = None,
+           catalog_file: Path | None = None, state_dir: Path | None = None,
+           address: str | None = None, timeout: float = 300, progress=None
+           ) -> tuple[ServeAppConfig, str]:
+    """Deploy a serve config and wait until it is RUNNING; returns the pinned config and the
+    OpenAI base URL. What ``rayplane serve up`` (and ``rayplane demo``) run."""
+    config = ServeAppConfig.from_file(config_file)
+    if source is not None:
+        if len(config.models) != 1:
+            raise UserError(f"--source: {config_file} serves {len(config.models)} models; "
+                            "edit the config instead")
+        doc = config.model_dump(mode="json", exclude_unset=True)
+        doc["models"][0]["source"] = source
+        config = ServeAppConfig.parse(doc, source=str(config_file))
+    target = Target(address, state_dir)
+    config, rendered = render(config, catalog_file)
+    rendered["http_options"]["port"] = target.serve_port(config.http.port)
+    client = target.client()
+    client.deploy_applications(merge_applications(client.get_serve_details(), rendered))
+    wait_running(client, config.name, timeout, progress=progress)
+    host, port = rendered["http_options"]["host"], rendered["http_options"]["port"]
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return config, f"http://{host}:{port}{config.route_prefix.rstrip('/')}/v1"
+
+
 @serve_app.command("up")
 def up_cmd(config_file: Path = typer.Argument(DEFAULT_CONFIG, help="Serve config (YAML)."),
            source: str | None = typer.Option(None, "--source", help="Replace the model "
@@ -136,31 +161,20 @@ def up_cmd(config_file: Path = typer.Argument(DEFAULT_CONFIG, help="Serve config
            dry_run: bool = typer.Option(False, "--dry-run", help="Print the Serve config "
                                                                  "and stop.")) -> None:
     """Deploy (or update) the application; waits until it answers."""
-    config = ServeAppConfig.from_file(config_file)
-    if source is not None:
-        if len(config.models) != 1:
-            raise UserError(f"--source: {config_file} serves {len(config.models)} models; "
-                            "edit the config instead")
-        config.models[0].source = source
-        config = ServeAppConfig.parse(config.model_dump(mode="json"), source=str(config_file))
-    target = None if dry_run else Target(address, state_dir)
-    config, rendered = render(config, catalog_file, pin=not dry_run)
-    if target is not None:
-        rendered["http_options"]["port"] = target.serve_port(config.http.port)
     if dry_run:
+        config = ServeAppConfig.from_file(config_file)
+        if source is not None and len(config.models) == 1:
+            config.models[0].source = source
+        _, rendered = render(config, catalog_file, pin=False)
         print(json.dumps(rendered, indent=2))
         return
-    client = target.client()
-    merged = merge_applications(client.get_serve_details(), rendered)
-    client.deploy_applications(merged)
-    with console.status(f"deploying {config.name}") as spinner:
-        wait_running(client, config.name, timeout, progress=spinner.update)
-    port = rendered["http_options"]["port"]
-    host = rendered["http_options"]["host"]
-    prefix = config.route_prefix.rstrip("/")
+    with console.status(f"deploying {config_file}") as spinner:
+        config, base_url = deploy(config_file, source=source, catalog_file=catalog_file,
+                                  state_dir=state_dir, address=address, timeout=timeout,
+                                  progress=spinner.update)
     console.print(f"{config.name} is RUNNING: "
                   + ", ".join(f"{m.name} <- {m.source}" for m in config.models))
-    console.print(f"OpenAI endpoint  http://{host}:{port}{prefix}/v1")
+    console.print(f"OpenAI endpoint  {base_url}")
 
 
 @serve_app.command("down")
@@ -208,17 +222,15 @@ def status_cmd(state_dir: StateOpt = None, address: AddressOpt = None,
     console.print(table)
 
 
-@serve_app.command("chat")
-def chat_cmd(message: str = typer.Argument("Hello!", help="User message."),
-             model: str | None = typer.Option(None, help="Model (default: the first "
-                                                            "served)."),
-             max_tokens: int = typer.Option(64, help="Most tokens to generate."),
-             state_dir: StateOpt = None) -> None:
-    """Send one chat completion with the official openai client and print it."""
+def chat_once(message: str, *, model: str | None = None, max_tokens: int = 64,
+              base_url: str | None = None, api_key: str | None = None,
+              state_dir: Path | None = None):
+    """One chat completion through the official openai client: (model, response, base URL).
+    Defaults: OPENAI_BASE_URL / OPENAI_API_KEY, else the local platform's endpoint and key."""
     from openai import OpenAI, OpenAIError
 
-    base = os.environ.get("OPENAI_BASE_URL")
-    key = os.environ.get("OPENAI_API_KEY")
+    base = base_url or os.environ.get("OPENAI_BASE_URL")
+    key = api_key or os.environ.get("OPENAI_API_KEY")
     if not base or not key:
         from raycluster.local import LocalCluster, LocalState, default_state_dir
 
@@ -237,6 +249,22 @@ def chat_cmd(message: str = typer.Argument("Hello!", help="User message."),
             max_tokens=max_tokens, temperature=0)
     except OpenAIError as err:
         raise UserError(f"{base}: {err}") from None
+    return model, resp, base
+
+
+@serve_app.command("chat")
+def chat_cmd(message: str = typer.Argument("Hello!", help="User message."),
+             model: str | None = typer.Option(None, help="Model (default: the first "
+                                                            "served)."),
+             max_tokens: int = typer.Option(64, help="Most tokens to generate."),
+             base_url: str | None = typer.Option(None, "--base-url",
+                                                    help="OpenAI base URL (default: "
+                                                         "OPENAI_BASE_URL or the local "
+                                                         "platform's /v1)."),
+             state_dir: StateOpt = None) -> None:
+    """Send one chat completion with the official openai client and print it."""
+    model, resp, base = chat_once(message, model=model, max_tokens=max_tokens,
+                                  base_url=base_url, state_dir=state_dir)
     choice = resp.choices[0]
     text = choice.message.content or ""
     if choice.message.tool_calls:
@@ -248,4 +276,5 @@ def chat_cmd(message: str = typer.Argument("Hello!", help="User message."),
                   highlight=False)
 
 
-__all__ = ["merge_applications", "render", "serve_app", "wait_running"]
+__all__ = ["chat_once", "deploy", "merge_applications", "render", "serve_app",
+           "wait_running"]

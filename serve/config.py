@@ -121,6 +121,10 @@ class ModelSpec(Spec):
     max_queued_requests: int = Field(default=64, ge=-1,
                                      description="Requests waiting for a replica beyond which "
                                                  "Serve answers 503 (-1: unbounded).")
+    stream_interval_ms: float = Field(default=50, ge=0, le=1000,
+                                      description="cpu: a stream's tokens are sent at most "
+                                                  "this often after the first (0: every "
+                                                  "token as its own event message).")
     cpus: float = Field(default=1.0, ge=0,
                         description="CPU cores per replica (the CPU engine's torch threads). "
                                     "On a GPU pool the unit's share of the node comes with it.")
@@ -296,6 +300,7 @@ class ServeAppConfig(Spec):
                         "max_num_seqs": m.max_num_seqs or 16,
                         "max_model_len": m.max_model_len,
                         "threads": max(1, round(m.cpus)),
+                        "stream_interval_ms": m.stream_interval_ms,
                         "deployment": m.deployment_name} for m in self.models],
             "api_keys": self.api_keys.model_dump() if self.api_keys else None,
             "mlflow_tracking_uri": self.mlflow_tracking_uri,

@@ -72,8 +72,10 @@ class OpenAIServing:
     """Chat and text completions for one served model on one engine."""
 
     def __init__(self, engine, model_name: str, *, root: str | None = None,
-                 observer: Observer | None = None):
+                 observer: Observer | None = None, stream_interval_s: float = 0.0):
         self.engine = engine
+        #: A stream's tokens after the first are sent at most this often (engine coalescing).
+        self.stream_interval_s = stream_interval_s
         self.model_name = model_name
         self.root = root
         self.observer = observer
@@ -169,12 +171,13 @@ class OpenAIServing:
     # -- running ---------------------------------------------------------------------------
 
     async def _stream_choice(self, prompt: list[int], params: SamplingParams, budget: int,
-                             request_id: str) -> AsyncIterator[Delta]:
+                             request_id: str, coalesce_s: float) -> AsyncIterator[Delta]:
         """Engine deltas of one choice, with timings reported to the observer."""
         start = time.perf_counter()
         last = None
         done: Delta | None = None
-        stream = self.engine.generate(prompt, params, request_id, max_tokens=budget)
+        stream = self.engine.generate(prompt, params, request_id, max_tokens=budget,
+                                      coalesce_s=coalesce_s)
         try:
             async for d in stream:
                 now = time.perf_counter()
@@ -198,7 +201,10 @@ class OpenAIServing:
 
         async def one(index: int, prompt: list[int], params: SamplingParams, budget: int):
             ch = _Choice(index=index, prompt_tokens=len(prompt))
-            async for d in self._stream_choice(prompt, params, budget, request_id):
+            # Nothing is sent before the end: the reader wakes for the first token (for
+            # TTFT) and then once more, not once per token.
+            async for d in self._stream_choice(prompt, params, budget, request_id,
+                                               float("inf")):
                 ch.text += d.text
                 ch.finish_reason = d.finish_reason
                 ch.completion_tokens = d.completion_tokens
@@ -219,14 +225,16 @@ class OpenAIServing:
                 for pi, prompt in enumerate(prep.prompts) for j, params in enumerate(prep.params)]
         if len(jobs) == 1:
             index, prompt, params, budget = jobs[0]
-            async for d in self._stream_choice(prompt, params, budget, request_id):
+            async for d in self._stream_choice(prompt, params, budget, request_id,
+                                               self.stream_interval_s):
                 yield index, d
             return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(index, prompt, params, budget):
             try:
-                async for d in self._stream_choice(prompt, params, budget, request_id):
+                async for d in self._stream_choice(prompt, params, budget, request_id,
+                                                   self.stream_interval_s):
                     await queue.put((index, d))
             except BaseException as err:  # noqa: BLE001 - handed to the consumer below
                 await queue.put((index, err))

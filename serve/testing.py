@@ -128,7 +128,8 @@ def build_tokenizer(corpus: list[str]):
 
 
 def make_tiny_model(path: str | Path, *, version: str = "1", steps: int = 300, seed: int = 0,
-                    n_layer: int = 2, n_embd: int = 64, n_positions: int = 256) -> Path:
+                    n_layer: int = 2, n_embd: int = 64, n_head: int = 2,
+                    n_positions: int = 256) -> Path:
     """Write a trained tiny GPT-2 folder to ``path`` and return it. A few seconds on one core.
 
     ``version`` changes what the model answers to :data:`VERSION_QUESTION`, so two folders
@@ -148,7 +149,7 @@ def make_tiny_model(path: str | Path, *, version: str = "1", steps: int = 300, s
 
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=len(tok), n_positions=n_positions, n_embd=n_embd,
-                        n_layer=n_layer, n_head=2, bos_token_id=eos_id, eos_token_id=eos_id,
+                        n_layer=n_layer, n_head=n_head, bos_token_id=eos_id, eos_token_id=eos_id,
                         pad_token_id=pad_id)
     model = GPT2LMHeadModel(config)
     # Every conversation is trained with and without tools in the system block, so that the
@@ -264,7 +265,9 @@ __all__ = [
     "TOOL_CALL",
     "TOOL_QUESTION",
     "VERSION_QUESTION",
+    "cached_tiny_model",
     "make_tiny_model",
-    "cached_tiny_model", "register_model", "serve_config_yaml",
+    "register_model",
+    "serve_config_yaml",
     "version_reply",
 ]

@@ -150,3 +150,22 @@ def test_full_queue_is_overloaded_503(tiny_model):
     assert refused and served and len(refused) + len(served) == 3
     assert all(r.status == 503 and r.retry_after for r in refused)
     assert all(len(tokens) == 20 for _, tokens, _ in served)
+
+
+def test_coalesced_stream_has_fewer_deltas_and_the_same_text(engine):
+    """What a streaming replica does: the first token at once, then batches."""
+    ids = chat_ids(engine, tm.GREETING)
+    greedy = SamplingParams(max_tokens=60, temperature=0)
+
+    async def main(coalesce):
+        deltas = [d async for d in engine.generate(ids, greedy, coalesce_s=coalesce)]
+        return "".join(d.text for d in deltas), len(deltas), \
+            sum(len(d.token_ids) for d in deltas), deltas[0].token_ids
+
+    per_token = asyncio.run(main(0.0))
+    batched = asyncio.run(main(0.05))
+    at_end = asyncio.run(main(float("inf")))
+    assert per_token[0] == batched[0] == at_end[0] == tm.GREETING_REPLY
+    assert per_token[2] == batched[2] == at_end[2] == per_token[1]  # one token per delta
+    assert batched[1] < per_token[1] and at_end[1] == 2
+    assert len(batched[3]) == len(at_end[3]) == 1  # the first token is never held back

@@ -120,13 +120,13 @@ def test_cli_dry_run_prints_the_serve_config_and_errors_exit_2(tmp_path, doc):
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(yaml.safe_dump(doc))
     out = subprocess.run([*RAYPLANE, "serve", "up", str(cfg), "--dry-run"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     ServeDeploySchema.model_validate(json.loads(out.stdout))
     doc["models"][0]["pool"] = "a100-mgi"
     cfg.write_text(yaml.safe_dump(doc))
     out = subprocess.run([*RAYPLANE, "serve", "up", str(cfg), "--dry-run"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 2
     err = out.stderr.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err

@@ -13,9 +13,14 @@ import yaml
 from raycluster.catalog import DEFAULT_CATALOG, Catalog, load_catalog
 from raycluster.spec import SpecError
 from serve.config import ModelSpec, ServeAppConfig
-from serve.engines.vllm import (MlflowModelDownload, check_placement,
-                                derived_gpu_memory_utilization, derived_max_num_seqs,
-                                llm_config_dict, validate_llm_config)
+from serve.engines.vllm import (
+    MlflowModelDownload,
+    check_placement,
+    derived_gpu_memory_utilization,
+    derived_max_num_seqs,
+    llm_config_dict,
+    validate_llm_config,
+)
 
 
 def model(**kw) -> ModelSpec:

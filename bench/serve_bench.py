@@ -1,0 +1,456 @@
+"""Serving benchmark, after ``vllm bench serve``: concurrent clients over real HTTP with the
+official ``openai`` client, streaming, reporting request throughput, output tokens/s, TTFT,
+ITL, TPOT and end-to-end latency (p50/p99) and failures -- and, in the same run, the baselines:
+
+- ``in-process``: the CPU engine called in this process, one request at a time;
+- ``fastapi``: a plain FastAPI + ``transformers.generate`` server (a subprocess, streaming with
+  ``TextIteratorStreamer``, one ``generate`` per request, no batching);
+- ``serve``: the rayplane app deployed on the local platform (``rayplane up`` first).
+
+Every request asks for the same chat prompt and exactly ``--max-tokens`` tokens (``ignore_eos``,
+greedy), so the systems do the same work; output tokens are counted from ``usage``.
+
+    .venv/bin/python bench/serve_bench.py [--model FOLDER|models:/NAME@alias] [--json out.json]
+
+Without ``--model`` it builds a model of the demo's size (4 layers, 128 wide; serve/testing.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fastapi import Request  # at module level: FastAPI resolves the handler's annotations here
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Hello!"}]
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    ttft: float = 0.0
+    e2e: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    error: str = ""
+
+
+@dataclass
+class Summary:
+    system: str
+    concurrency: int
+    stream: bool
+    requests: int
+    failures: int
+    duration_s: float
+    request_throughput: float
+    output_tokens_per_s: float
+    ttft_ms_p50: float
+    ttft_ms_p99: float
+    itl_ms_p50: float
+    itl_ms_p99: float
+    tpot_ms_p50: float
+    e2e_ms_p50: float
+    e2e_ms_p99: float
+    errors: list[str]
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = (len(values) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def summarize(system: str, concurrency: int, stream: bool, results: list[RequestResult],
+              duration: float) -> Summary:
+    ok = [r for r in results if r.ok]
+    tokens = sum(r.output_tokens for r in ok)
+    tpot = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    itl = [x for r in ok for x in r.itl]
+    ms = 1000.0
+    return Summary(
+        system=system, concurrency=concurrency, stream=stream, requests=len(results),
+        failures=len(results) - len(ok), duration_s=round(duration, 3),
+        request_throughput=round(len(ok) / duration, 3),
+        output_tokens_per_s=round(tokens / duration, 1),
+        ttft_ms_p50=round(pct([r.ttft for r in ok], 50) * ms, 2),
+        ttft_ms_p99=round(pct([r.ttft for r in ok], 99) * ms, 2),
+        itl_ms_p50=round(pct(itl, 50) * ms, 3), itl_ms_p99=round(pct(itl, 99) * ms, 3),
+        tpot_ms_p50=round(pct(tpot, 50) * ms, 3),
+        e2e_ms_p50=round(pct([r.e2e for r in ok], 50) * ms, 2),
+        e2e_ms_p99=round(pct([r.e2e for r in ok], 99) * ms, 2),
+        errors=sorted({r.error for r in results if not r.ok})[:5])
+
+
+# -- clients ---------------------------------------------------------------------------------
+
+
+async def http_request(client, model: str, max_tokens: int, stream: bool) -> RequestResult:
+    start = time.perf_counter()
+    try:
+        kw = {"model": model, "messages": MESSAGES, "max_tokens": max_tokens,
+              "temperature": 0, "extra_body": {"ignore_eos": True}}
+        if not stream:
+            r = await client.chat.completions.create(**kw)
+            e2e = time.perf_counter() - start
+            return RequestResult(ok=True, ttft=e2e, e2e=e2e,
+                                 output_tokens=r.usage.completion_tokens)
+        res = RequestResult(ok=True)
+        last = None
+        response = await client.chat.completions.create(
+            stream=True, stream_options={"include_usage": True}, **kw)
+        async for chunk in response:
+            now = time.perf_counter()
+            if chunk.choices and chunk.choices[0].delta.content:
+                if last is None:
+                    res.ttft = now - start
+                else:
+                    res.itl.append(now - last)
+                last = now
+            if chunk.usage:
+                res.output_tokens = chunk.usage.completion_tokens
+        res.e2e = time.perf_counter() - start
+        return res
+    except Exception as err:  # noqa: BLE001 - a failed request is a data point
+        return RequestResult(ok=False, error=f"{type(err).__name__}: {str(err)[:120]}")
+
+
+async def run_http(system: str, base_url: str, api_key: str, model: str, *, concurrency: int,
+                   num_requests: int, max_tokens: int, stream: bool = True) -> Summary:
+    import httpx
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=300,
+                         http_client=httpx.AsyncClient(limits=httpx.Limits(
+                             max_connections=concurrency * 2)))
+    await http_request(client, model, 4, stream)  # warm the connection and the path
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one():
+        async with sem:
+            return await http_request(client, model, max_tokens, stream)
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*[one() for _ in range(num_requests)])
+    duration = time.perf_counter() - start
+    await client.close()
+    return summarize(system, concurrency, stream, results, duration)
+
+
+async def run_in_process(engine, *, num_requests: int, max_tokens: int) -> Summary:
+    from serve.engines.base import SamplingParams
+
+    ids = list(engine.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True,
+                                                    tokenize=True, return_dict=False))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+
+    async def one() -> RequestResult:
+        res = RequestResult(ok=True)
+        start = time.perf_counter()
+        last = None
+        async for d in engine.generate(ids, params):
+            now = time.perf_counter()
+            if d.text:
+                if last is None:
+                    res.ttft = now - start
+                else:
+                    res.itl.append(now - last)
+                last = now
+            res.output_tokens = d.completion_tokens
+        res.e2e = time.perf_counter() - start
+        return res
+
+    await one()  # warm-up
+    results = []
+    start = time.perf_counter()
+    for _ in range(num_requests):
+        results.append(await one())
+    return summarize("in-process", 1, True, results, time.perf_counter() - start)
+
+
+# -- the plain FastAPI + transformers.generate baseline ------------------------------------
+
+
+def fastapi_server(model_dir: str, port: int) -> None:
+    """What many teams first write: one ``generate`` per request in a thread, streamed with
+    ``TextIteratorStreamer``. OpenAI-shaped enough for the openai client."""
+    import threading
+    import uuid
+
+    import torch
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    app = FastAPI()
+
+    @app.get("/health")
+    def health():
+        return {"ok": True}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        ids = tok.apply_chat_template(body["messages"], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+        n = int(body.get("max_tokens") or 64)
+        kw = {"max_new_tokens": n, "do_sample": False, "pad_token_id": tok.pad_token_id}
+        if body.get("ignore_eos"):
+            kw["min_new_tokens"] = n
+        prompt_len = ids["input_ids"].shape[1]
+        cid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body["model"]
+
+        def usage(out_len: int) -> dict:
+            return {"prompt_tokens": prompt_len, "completion_tokens": out_len,
+                    "total_tokens": prompt_len + out_len}
+
+        if not body.get("stream"):
+            def run():
+                with torch.inference_mode():
+                    return model.generate(**ids, **kw)[0, prompt_len:]
+            out = await run_in_threadpool(run)
+            return JSONResponse({"id": cid, "object": "chat.completion", "created": created,
+                                 "model": name, "usage": usage(len(out)), "choices": [{
+                                     "index": 0, "finish_reason": "length", "message": {
+                                         "role": "assistant",
+                                         "content": tok.decode(out, skip_special_tokens=True)}}]})
+        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        holder = {}
+
+        def run_stream():
+            with torch.inference_mode():
+                holder["out"] = model.generate(**ids, streamer=streamer, **kw)[0, prompt_len:]
+        thread = threading.Thread(target=run_stream, daemon=True)
+        thread.start()
+
+        def chunk(delta, finish=None):
+            return "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk",
+                                          "created": created, "model": name, "choices": [
+                                              {"index": 0, "delta": delta,
+                                               "finish_reason": finish}]}) + "\n\n"
+
+        async def events():
+            yield chunk({"role": "assistant", "content": ""})
+            iterator = iter(streamer)
+            while True:
+                piece = await run_in_threadpool(next, iterator, None)
+                if piece is None:
+                    break
+                if piece:
+                    yield chunk({"content": piece})
+            await run_in_threadpool(thread.join)
+            yield chunk({}, "length")
+            yield "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk",
+                                         "created": created, "model": name, "choices": [],
+                                         "usage": usage(len(holder["out"]))}) + "\n\n"
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_fastapi(model_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, __file__, "fastapi-server", "--model",
+                                 str(model_dir), "--port", str(port)], stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the FastAPI baseline exited: {log.read_text()[-800:]}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return proc, f"{base}/v1"
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    raise RuntimeError("the FastAPI baseline did not start in 180 s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+def model_folder(spec: str | None, work: Path) -> Path:
+    if spec is None:
+        from serve.testing import make_tiny_model
+
+        return make_tiny_model(work / "bench-model", n_layer=4, n_embd=128, n_head=4,
+                               n_positions=256, steps=60)
+    from serve.model_source import fetch_model
+
+    return fetch_model(spec, cache_dir=work)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd")
+    srv = sub.add_parser("fastapi-server")
+    srv.add_argument("--model", required=True)
+    srv.add_argument("--port", type=int, required=True)
+    parser.add_argument("--model", help="Model folder or models:/NAME@alias (default: build "
+                                        "a demo-size model).")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=64,
+                        help="Requests per concurrent run.")
+    parser.add_argument("--single-requests", type=int, default=16,
+                        help="Requests of the one-at-a-time runs.")
+    parser.add_argument("--pool", default="a100-mig", help="Pool of the Serve replica.")
+    parser.add_argument("--state-dir", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="Write the results here.")
+    parser.add_argument("--skip-serve", action="store_true", help="Baselines only.")
+    parser.add_argument("--rounds", type=int, default=2, help="Rounds of all systems.")
+    args = parser.parse_args()
+    if args.cmd == "fastapi-server":
+        fastapi_server(args.model, args.port)
+        return 0
+
+    work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    folder = model_folder(args.model, work)
+    n, c, single = args.max_tokens, args.concurrency, args.single_requests
+    results: list[Summary] = []
+
+    def report(s: Summary) -> None:
+        results.append(s)
+        print(f"{s.system:>10} c={s.concurrency:<3} {'stream' if s.stream else 'unary':<6} "
+              f"{s.output_tokens_per_s:>8.1f} tok/s  {s.request_throughput:>6.2f} req/s  "
+              f"TTFT p50 {s.ttft_ms_p50:>7.1f} ms  ITL p50 {s.itl_ms_p50:>6.2f} ms  "
+              f"E2E p50 {s.e2e_ms_p50:>7.1f} p99 {s.e2e_ms_p99:>7.1f} ms  "
+              f"failures {s.failures} {'; '.join(s.errors)}", flush=True)
+
+    # The Serve app first (deploying takes a while), then rounds of all systems back to back:
+    # the machine's load drifts, so each round's ratios compare runs minutes apart at most.
+    from serve.engines.cpu import CPUEngine
+
+    engine = CPUEngine(folder, max_num_seqs=c, num_threads=1)  # as a Serve replica's
+    proc, fastapi_url = start_fastapi(folder, work / "fastapi.log")
+    serve_url = key = state_dir = None
+    try:
+        if not args.skip_serve:
+            state_dir, serve_url, key = deploy_bench_app(args, folder, work)
+        rounds = []
+        for r in range(args.rounds):
+            print(f"-- round {r + 1}/{args.rounds} (load average {os.getloadavg()[0]:.1f})")
+            row = {"in_process": asyncio.run(run_in_process(engine, num_requests=single,
+                                                            max_tokens=n))}
+            report(row["in_process"])
+            for conc, reqs in ((1, single), (c, args.requests)):
+                row[f"fastapi_{conc}"] = asyncio.run(run_http(
+                    "fastapi", fastapi_url, "none", "m", concurrency=conc, num_requests=reqs,
+                    max_tokens=n))
+                report(row[f"fastapi_{conc}"])
+            if serve_url:
+                row["serve_unary_1"] = asyncio.run(run_http(
+                    "serve", serve_url, key, "tiny-chat", concurrency=1, num_requests=single,
+                    max_tokens=n, stream=False))
+                report(row["serve_unary_1"])
+                for conc, reqs in ((1, single), (c, args.requests)):
+                    row[f"serve_{conc}"] = asyncio.run(run_http(
+                        "serve", serve_url, key, "tiny-chat", concurrency=conc,
+                        num_requests=reqs, max_tokens=n))
+                    report(row[f"serve_{conc}"])
+                row["ratios"] = {
+                    "serve_tokens_per_s_vs_in_process_1": round(
+                        row[f"serve_{c}"].output_tokens_per_s
+                        / row["in_process"].output_tokens_per_s, 2),
+                    "serve_tokens_per_s_vs_fastapi": round(
+                        row[f"serve_{c}"].output_tokens_per_s
+                        / row[f"fastapi_{c}"].output_tokens_per_s, 2),
+                    "http_added_ms_p50_unary": round(
+                        row["serve_unary_1"].e2e_ms_p50 - row["in_process"].e2e_ms_p50, 2),
+                    "http_added_ms_p50_stream": round(
+                        row["serve_1"].e2e_ms_p50 - row["in_process"].e2e_ms_p50, 2),
+                }
+                print(json.dumps(row["ratios"]), flush=True)
+            rounds.append(row)
+    finally:
+        stop(proc)
+        if state_dir is not None:
+            remove_bench_app(state_dir)
+    machine = {"host": platform.node(), "cpus": os.cpu_count(),
+               "python": platform.python_version(), "load_avg_end": os.getloadavg()}
+    if args.json:
+        args.json.write_text(json.dumps({
+            "machine": machine, "model": str(args.model or "demo-size tiny GPT-2"),
+            "max_tokens": n, "concurrency": c,
+            "rounds": [{k: (asdict(v) if isinstance(v, Summary) else v) for k, v in row.items()}
+                       for row in rounds]}, indent=2))
+    return 0 if all(r.failures == 0 for r in results) else 1
+
+
+def deploy_bench_app(args, folder: Path, work: Path):
+    from raycluster.local import LocalCluster, LocalState, default_state_dir
+    from serve.cli import deploy
+    from serve.testing import serve_config_yaml
+
+    state_dir = (args.state_dir or default_state_dir()).resolve()
+    st = LocalState.load(state_dir)
+    if st is None:
+        raise SystemExit("the local platform is not up: run `rayplane up` (or --skip-serve)")
+    cluster = LocalCluster(state_dir, ports=st.ports)
+    cfg = work / "serve.yaml"
+    cfg.write_text(serve_config_yaml(name="bench", source=str(folder), pool=args.pool,
+                                     route_prefix="/bench", api_key_file=cluster.api_key_path,
+                                     max_num_seqs=args.concurrency))
+    _, base_url = deploy(cfg, state_dir=state_dir, timeout=600)
+    return state_dir, base_url, cluster.api_key_path.read_text().strip()
+
+
+def remove_bench_app(state_dir: Path) -> None:
+    """Remove the "bench" app, keeping the cluster's other applications."""
+    from serve.cli import Target
+
+    client = Target(None, state_dir).client()
+    details = client.get_serve_details()
+    others = [d["deployed_app_config"] for name, d in (details.get("applications") or {}).items()
+              if name != "bench" and d.get("deployed_app_config")]
+    if others:
+        client.deploy_applications({**{k: details[k] for k in ("proxy_location", "http_options")
+                                       if details.get(k)}, "applications": others})
+    else:
+        client.delete_applications()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
