@@ -75,13 +75,11 @@ def run_smoke_jobs(cluster: LocalCluster) -> dict[str, dict]:
 @app.command("demo")
 def demo_cmd(catalog_file: CatalogOpt = None, state_dir: StateOpt = None) -> None:
     """Bring the local platform up and run the main job on it (what `make demo` runs)."""
-    cluster = LocalCluster(state_dir, catalog_path=catalog_file)
+    cluster = LocalCluster.attach(state_dir)
     if not cluster.is_up():
+        cluster = LocalCluster(state_dir, catalog_path=catalog_file)
         with console.status("starting the local platform") as spinner:
             cluster.up(progress=lambda msg: spinner.update(msg))
-    else:
-        cluster = LocalCluster(state_dir, catalog_path=catalog_file,
-                               ports=cluster.state().ports)  # type: ignore[union-attr]
     console.print(f"[bold]local platform up[/bold]: {len(cluster.node_plan())} Ray nodes, "
                   "token auth on")
     run_smoke_jobs(cluster)
