@@ -197,8 +197,11 @@ class OpenAIIngress:
         self._stream = {(name, method): h.options(stream=True, method_name=method)
                         for name, h in models.items()
                         for method in ("chat_stream", "completion_stream")}
+        # Handles configured once: every .options() call builds a new handle (its own
+        # router and metrics pusher), which costs milliseconds on the request path.
         self._unary = {(name, method): h.options(method_name=method)
-                       for name, h in models.items() for method in ("chat", "completion")}
+                       for name, h in models.items()
+                       for method in ("chat", "completion", "card", "stats")}
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -337,10 +340,10 @@ class OpenAIIngress:
     async def healthz(self) -> JSONResponse:
         """Liveness plus each model's engine counters (no secrets; no key needed)."""
         out: dict[str, Any] = {}
-        for name, handle in self.models.items():
+        for name in self.models:
             try:
-                out[name] = await asyncio.wait_for(
-                    handle.options(method_name="stats").remote(), timeout=5)
+                out[name] = await asyncio.wait_for(self._unary[(name, "stats")].remote(),
+                                                   timeout=5)
             except Exception as err:  # noqa: BLE001 - reported, not raised
                 out[name] = {"error": type(err).__name__}
         ok = all("error" not in v for v in out.values())
@@ -352,8 +355,8 @@ class OpenAIIngress:
         denied = self._auth(request)
         if denied is not None:
             return denied
-        cards = await asyncio.gather(*[h.options(method_name="card").remote()
-                                       for h in self.models.values()])
+        cards = await asyncio.gather(*[self._unary[(name, "card")].remote()
+                                       for name in self.models])
         return JSONResponse(ModelList(data=cards).model_dump())
 
     @api.get("/v1/models/{model:path}")
@@ -364,7 +367,7 @@ class OpenAIIngress:
         if model not in self.models:
             return _error(404, f"The model `{model}` does not exist.", param="model",
                           code="model_not_found")
-        return JSONResponse(await self.models[model].options(method_name="card").remote())
+        return JSONResponse(await self._unary[(model, "card")].remote())
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
