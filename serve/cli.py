@@ -55,8 +55,11 @@ class Target:
     def client(self):
         from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
+        # The local platform's token is passed explicitly: Ray reads RAY_AUTH_MODE once per
+        # process, so a process that imported Ray before the env was set would send nothing.
+        headers = self.local.auth_headers() if self.local else None
         try:
-            return ServeSubmissionClient(self.address)
+            return ServeSubmissionClient(self.address, headers=headers)
         except Exception as err:  # noqa: BLE001 - connection problems become one line
             raise UserError(f"cannot reach the Ray dashboard at {self.address}: "
                             f"{str(err).splitlines()[0]}") from None
