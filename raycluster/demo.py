@@ -2,6 +2,12 @@
 
 1. bring the local platform up (``rayplane up``);
 2. a ``ray job submit`` smoke job on every pool, with the cluster token, proving placement;
+3. train the demo model through ``ray job submit`` (``python -m train.fit``): Ray Train on
+   the pool the config names, checkpoints, MLflow tracking, held-out evaluation, and
+   registration with the alias ``candidate`` when it passes the gate;
+4. promote that version to ``champion`` and deploy the serve config that names
+   ``models:/rayplane-tool-llm@champion`` (``rayplane serve up``);
+5. one chat completion through the official openai client;
 then print the URLs and how to submit jobs. The platform is left running (``make down``).
 """
 
@@ -73,8 +79,16 @@ def run_smoke_jobs(cluster: LocalCluster) -> dict[str, dict]:
 
 
 @app.command("demo")
-def demo_cmd(catalog_file: CatalogOpt = None, state_dir: StateOpt = None) -> None:
+def demo_cmd(catalog_file: CatalogOpt = None, state_dir: StateOpt = None,
+             train_config: Path = typer.Option(REPO / "train/configs/demo.yaml", "--train",
+                                               help="Training config of the demo model."),
+             serve_config: Path = typer.Option(REPO / "serve/configs/local.yaml", "--serve",
+                                               help="Serve config that serves it."),
+             smoke_only: bool = typer.Option(False, "--smoke-only",
+                                             help="Only the smoke jobs, no training.")) -> None:
     """Bring the local platform up and run the main job on it (what `make demo` runs)."""
+    if smoke_only:
+        train_config = None  # type: ignore[assignment]
     cluster = LocalCluster.attach(state_dir)
     if not cluster.is_up():
         cluster = LocalCluster(state_dir, catalog_path=catalog_file)
@@ -83,7 +97,59 @@ def demo_cmd(catalog_file: CatalogOpt = None, state_dir: StateOpt = None) -> Non
     console.print(f"[bold]local platform up[/bold]: {len(cluster.node_plan())} Ray nodes, "
                   "token auth on")
     run_smoke_jobs(cluster)
+    if train_config is not None:
+        version = train_and_register(cluster, train_config)
+        serve_and_chat(cluster, version, serve_config)
     console.print()
     _print_urls(cluster)
     console.print("stop it with: make down")
+
+
+def train_and_register(cluster: LocalCluster, config_path: Path) -> str:
+    """Submit the training job and return the version it registered (alias candidate)."""
+    from train import tracking
+    from train.config import TrainConfig
+
+    cfg = TrainConfig.from_file(config_path)
+    # The job runs in the uploaded working directory: name the config relative to it.
+    job_config = Path(config_path).resolve().relative_to(REPO)
+    console.print(f"[bold]training {cfg.name}[/bold] on pool {cfg.pool} "
+                  f"(ray job submit -- python -m train.fit --config {job_config})")
+    code, _ = ray_job_submit(cluster, ["python", "-m", "train.fit", "--config",
+                                       str(job_config)], timeout=3600)
+    if code != 0:
+        raise UserError(f"training job failed (exit {code}); see `ray job logs` on "
+                        f"{cluster.dashboard_url}")
+    c = tracking.client(cluster.mlflow_uri)
+    try:
+        mv = c.get_model_version_by_alias(cfg.registered_model, tracking.CANDIDATE)
+    except Exception as err:  # noqa: BLE001 - MLflow raises its own RestException
+        raise UserError(f"training finished but no version of {cfg.registered_model} has the "
+                        f"alias {tracking.CANDIDATE!r} (did it pass the evaluation gate?): "
+                        f"{err}") from None
+    console.print(f"  registered {cfg.registered_model} version {mv.version} "
+                  f"(alias {tracking.CANDIDATE}) in {cluster.mlflow_uri}")
+    tracking.promote(cluster.mlflow_uri, cfg.registered_model, str(mv.version))
+    console.print(f"  promoted version {mv.version} to {tracking.CHAMPION}")
+    return str(mv.version)
+
+
+def serve_and_chat(cluster: LocalCluster, version: str, config_path: Path) -> None:
+    from serve.cli import chat_once, deploy
+
+    console.print(f"[bold]deploying {config_path}[/bold] (rayplane serve up)")
+    with console.status("waiting for the Serve application") as spinner:
+        _, base_url = deploy(config_path, state_dir=cluster.state_dir,
+                                  progress=lambda msg: spinner.update(str(msg)))
+    question = "What is 12 times 7?"
+    model, resp, _ = chat_once(question, base_url=base_url,
+                               api_key=cluster.api_key_path.read_text().strip(),
+                               state_dir=cluster.state_dir)
+    choice = resp.choices[0]
+    answer = choice.message.content or json.dumps(
+        [{"name": t.function.name, "arguments": t.function.arguments}
+         for t in choice.message.tool_calls or []])
+    console.print(f"  {model} (version {version}) at {base_url}")
+    console.print(f"  user: {question}")
+    console.print(f"  assistant ({choice.finish_reason}): {answer}", markup=False)
 
