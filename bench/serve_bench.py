@@ -155,7 +155,8 @@ async def run_http(system: str, base_url: str, api_key: str, model: str, *, conc
     return summarize(system, concurrency, stream, results, duration)
 
 
-async def run_in_process(engine, *, num_requests: int, max_tokens: int) -> Summary:
+async def run_in_process(engine, *, num_requests: int, max_tokens: int,
+                         concurrency: int = 1) -> Summary:
     from serve.engines.base import SamplingParams
 
     ids = list(engine.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True,
@@ -179,11 +180,15 @@ async def run_in_process(engine, *, num_requests: int, max_tokens: int) -> Summa
         return res
 
     await one()  # warm-up
-    results = []
+    sem = asyncio.Semaphore(concurrency)
+
+    async def limited() -> RequestResult:
+        async with sem:
+            return await one()
+
     start = time.perf_counter()
-    for _ in range(num_requests):
-        results.append(await one())
-    return summarize("in-process", 1, True, results, time.perf_counter() - start)
+    results = await asyncio.gather(*[limited() for _ in range(num_requests)])
+    return summarize("in-process", concurrency, True, results, time.perf_counter() - start)
 
 
 # -- the plain FastAPI + transformers.generate baseline ------------------------------------
@@ -375,6 +380,10 @@ def main() -> int:
             row = {"in_process": asyncio.run(run_in_process(engine, num_requests=single,
                                                             max_tokens=n))}
             report(row["in_process"])
+            # The engine's own batching gain, without HTTP (not a goal; shows where time goes).
+            row["in_process_c"] = asyncio.run(run_in_process(
+                engine, num_requests=args.requests, max_tokens=n, concurrency=c))
+            report(row["in_process_c"])
             for conc, reqs in ((1, single), (c, args.requests)):
                 row[f"fastapi_{conc}"] = asyncio.run(run_http(
                     "fastapi", fastapi_url, "none", "m", concurrency=conc, num_requests=reqs,

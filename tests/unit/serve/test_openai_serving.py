@@ -151,3 +151,25 @@ def test_too_long_prompt_is_refused_before_the_stream_starts(serving):
     with pytest.raises(EngineError) as err:
         asyncio.run(gen.__anext__())
     assert err.value.status == 400 and err.value.code == "context_length_exceeded"
+
+
+def test_api_keys_from_env_and_file_with_rotation(tmp_path, monkeypatch):
+    import os
+
+    from serve.app import ApiKeyStore
+
+    keys = tmp_path / "keys"
+    keys.write_text("# comment\nrp-file-key\n")
+    monkeypatch.setenv("RP_KEYS", "rp-env-a, rp-env-b")
+    monkeypatch.setenv("RP_DIR", str(tmp_path))
+    store = ApiKeyStore(env="RP_KEYS", file="${RP_DIR}/keys")
+    assert all(store.valid(k) for k in ("rp-file-key", "rp-env-a", "rp-env-b"))
+    assert not store.valid("rp-wrong") and not store.valid("")
+    keys.write_text("rp-rotated\n")
+    os.utime(keys, (1, 1))  # a different mtime, whatever the clock's resolution
+    store._checked = 0.0  # skip the 2 s re-check interval
+    assert store.valid("rp-rotated") and not store.valid("rp-file-key")
+    monkeypatch.delenv("RP_KEYS")
+    keys.write_text("")
+    with pytest.raises(RuntimeError, match="refusing to serve without keys"):
+        ApiKeyStore(env="RP_KEYS", file=str(keys))
