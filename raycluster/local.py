@@ -283,9 +283,10 @@ class LocalCluster:
             # One node at a time: `ray start` gives a raylet 30 s to register, which a
             # loaded 2-core machine can miss when several start at once; a node that
             # missed it is started again.
+            attempts = 5
             for joined, node in enumerate(plan, start=1):
                 step(f"starting Ray {node.role} node for pool {node.pool}")
-                for attempt in range(3):
+                for attempt in range(1, attempts + 1):
                     proc = self._start_ray_node(node, temp_dir)
                     st.processes.append(proc)
                     st.save()
@@ -295,11 +296,17 @@ class LocalCluster:
                         self._wait_for_nodes(joined, timeout, st)
                         break
                     except UserError:
-                        if proc.alive() or attempt == 2:
+                        if proc.alive() or attempt == attempts:
                             raise
+                        # What the failed `ray start` left behind (its group is ours) goes,
+                        # and so does its record of a running cluster, before the next try.
+                        _kill_group(proc.pid)
+                        (temp_dir / "ray_current_cluster").unlink(missing_ok=True)
                         st.processes.remove(proc)
-                        step(f"Ray {node.role} node for pool {node.pool} missed its start; "
-                             "starting it again")
+                        st.save()
+                        step(f"Ray {node.role} node for pool {node.pool} missed its start "
+                             f"(try {attempt} of {attempts}); starting it again")
+                        time.sleep(2 * attempt)
             step("starting the MLflow tracking server")
             st.processes.append(self._start_mlflow(st))
             st.save()
@@ -562,10 +569,21 @@ def _tail(path: Path, n: int) -> str:
     return " | ".join(lines[-n:])
 
 
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def _stop_group(proc: ManagedProcess, timeout: float) -> bool:
     """SIGTERM the process group rayplane started, then SIGKILL what is left after
-    ``timeout``. Only a group whose leader is still the recorded command is signalled."""
+    ``timeout``. Only a group whose leader is still the recorded command is signalled; a
+    group whose leader died (its children may live on) gets SIGKILL."""
     if not proc.alive():
+        if _group_alive(proc.pid):
+            _kill_group(proc.pid)
+            return True
         return False
     try:
         os.killpg(proc.pid, signal.SIGTERM)
