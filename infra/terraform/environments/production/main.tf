@@ -74,6 +74,33 @@ module "storage" {
   force_destroy          = var.force_destroy_buckets
   workload_identities    = var.workload_identities
   enable_backup_policies = var.enable_backup_policies
+  # Velero's backup bucket logs its access here too.
+  access_log_source_bucket_arns = [module.platform.velero_bucket_arn]
+}
+
+module "platform" {
+  source = "../../modules/platform-services"
+
+  name                   = var.cluster_name
+  secrets_manager_prefix = var.secrets_manager_prefix
+  vpc_id                 = module.network.vpc_id
+  subnet_ids             = module.network.private_subnet_ids
+  node_security_group_id = module.eks.cluster_security_group_id
+  kms_key_arn            = module.security.data_kms_key_arn
+  oidc_provider_arn      = module.eks.oidc_provider_arn
+  oidc_issuer            = module.eks.oidc_issuer
+  access_log_bucket      = module.storage.access_log_bucket_name
+  force_destroy          = var.force_destroy_buckets
+
+  ecr_repository_name               = var.ecr_repository_name
+  external_secrets_service_accounts = var.external_secrets_service_accounts
+  velero_service_accounts           = var.velero_service_accounts
+  enable_redis                      = var.enable_gcs_redis
+  redis_node_type                   = var.redis_node_type
+  mlflow_db_instance_class          = var.mlflow_db_instance_class
+  mlflow_db_deletion_protection     = var.mlflow_db_deletion_protection
+  mlflow_db_skip_final_snapshot     = var.mlflow_db_skip_final_snapshot
+  secret_recovery_window_days       = var.secret_recovery_window_days
 }
 
 module "node_pools" {

@@ -77,3 +77,53 @@ output "storage_classes_manifest" {
   description = "StorageClasses (gp3 default, efs-shared) to kubectl apply once the cluster is up."
   value       = module.storage.storage_classes_manifest
 }
+
+output "ecr_repository_url" {
+  description = "Repository of the Ray images: images.repository of raycluster/environments/production.yaml."
+  value       = module.platform.ecr_repository_url
+}
+
+output "external_secrets_role_arn" {
+  description = "IRSA role of External Secrets: serviceAccount.annotations in infra/helm/external-secrets/values.yaml."
+  value       = module.platform.external_secrets_role_arn
+}
+
+output "velero_role_arn" {
+  description = "IRSA role of Velero: serviceAccount.server.annotations in infra/helm/velero/values.yaml."
+  value       = module.platform.velero_role_arn
+}
+
+output "velero_bucket_name" {
+  description = "Velero's backup bucket: configuration.backupStorageLocation[0].bucket in infra/helm/velero/values.yaml."
+  value       = module.platform.velero_bucket_name
+}
+
+output "redis_address" {
+  description = "host:port of the GCS fault-tolerance Redis (TLS only): redis_address of the environment, as rediss://<this>."
+  value       = module.platform.redis_address
+}
+
+output "redis_auth_secret_name" {
+  description = "Secrets Manager secret with the Redis AUTH token (made by Terraform; the rendered ExternalSecret rayplane-redis reads it)."
+  value       = module.platform.redis_auth_secret_name
+}
+
+output "mlflow_db_address" {
+  description = "Host of MLflow's PostgreSQL: backendStore.postgres.host in infra/helm/mlflow/values.yaml."
+  value       = module.platform.mlflow_db_address
+}
+
+output "mlflow_db_port" {
+  description = "Port of MLflow's PostgreSQL."
+  value       = module.platform.mlflow_db_port
+}
+
+output "mlflow_db_secret_arn" {
+  description = "RDS-managed secret (JSON username/password) of MLflow's database: the remoteRef key of the mlflow-db ExternalSecret."
+  value       = module.platform.mlflow_db_secret_arn
+}
+
+output "node_security_group_id" {
+  description = "Security group of the nodes (the EKS cluster security group): the only source Redis and PostgreSQL admit; admit it in further services the pods reach."
+  value       = module.eks.cluster_security_group_id
+}

@@ -121,6 +121,95 @@ variable "workload_identities" {
   }
 }
 
+variable "secrets_manager_prefix" {
+  description = "Prefix of the environment's secrets in Secrets Manager: secrets_manager_prefix of raycluster/environments/production.yaml. External Secrets reads below it only; Terraform writes the Redis AUTH token there."
+  type        = string
+  default     = "rayplane/production"
+
+  validation {
+    condition     = can(regex("^[A-Za-z0-9_+=.@-]+(/[A-Za-z0-9_+=.@-]+)*$", var.secrets_manager_prefix))
+    error_message = "var.secrets_manager_prefix must be a Secrets Manager name prefix such as rayplane/production (no leading or trailing '/')."
+  }
+}
+
+variable "ecr_repository_name" {
+  description = "ECR repository of the rayplane Ray images (the last part of images.repository in the environment file)."
+  type        = string
+  default     = "rayplane"
+
+  validation {
+    condition     = can(regex("^[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*$", var.ecr_repository_name))
+    error_message = "var.ecr_repository_name must be a valid ECR repository name (lowercase letters, digits, '.', '_', '-', '/')."
+  }
+}
+
+variable "external_secrets_service_accounts" {
+  description = "Service accounts (namespace/name) that may assume the External Secrets IRSA role: the controller that infra/helm/external-secrets installs and the ClusterSecretStore names."
+  type        = list(string)
+  default     = ["external-secrets/external-secrets"]
+
+  validation {
+    condition     = alltrue([for sa in var.external_secrets_service_accounts : can(regex("^[a-z0-9-]+/[a-z0-9.-]+$", sa))])
+    error_message = "var.external_secrets_service_accounts must hold namespace/name pairs, such as external-secrets/external-secrets."
+  }
+}
+
+variable "velero_service_accounts" {
+  description = "Service accounts (namespace/name) that may assume the Velero IRSA role: the server account of the velero Helm release (velero-server in namespace velero)."
+  type        = list(string)
+  default     = ["velero/velero-server"]
+
+  validation {
+    condition     = alltrue([for sa in var.velero_service_accounts : can(regex("^[a-z0-9-]+/[a-z0-9.-]+$", sa))])
+    error_message = "var.velero_service_accounts must hold namespace/name pairs, such as velero/velero-server."
+  }
+}
+
+variable "redis_node_type" {
+  description = "ElastiCache node type of the Ray GCS fault-tolerance Redis."
+  type        = string
+  default     = "cache.r7g.large"
+
+  validation {
+    condition     = startswith(var.redis_node_type, "cache.")
+    error_message = "var.redis_node_type must be an ElastiCache node type such as cache.r7g.large."
+  }
+}
+
+variable "mlflow_db_instance_class" {
+  description = "RDS instance class of MLflow's PostgreSQL backend store."
+  type        = string
+  default     = "db.m7g.large"
+
+  validation {
+    condition     = startswith(var.mlflow_db_instance_class, "db.")
+    error_message = "var.mlflow_db_instance_class must be an RDS instance class such as db.m7g.large."
+  }
+}
+
+variable "mlflow_db_deletion_protection" {
+  description = "Refuse to delete MLflow's database (runs, metrics, the model registry). Off only in test environments."
+  type        = bool
+  default     = true
+}
+
+variable "mlflow_db_skip_final_snapshot" {
+  description = "Delete MLflow's database without a final snapshot (test environments only)."
+  type        = bool
+  default     = false
+}
+
+variable "secret_recovery_window_days" {
+  description = "Days a deleted Secrets Manager secret made here (the Redis AUTH token) can be restored; 0 deletes at once (test environments only)."
+  type        = number
+  default     = 30
+
+  validation {
+    condition     = var.secret_recovery_window_days == 0 || (var.secret_recovery_window_days >= 7 && var.secret_recovery_window_days <= 30)
+    error_message = "var.secret_recovery_window_days must be 0 or 7 to 30 (the Secrets Manager limits)."
+  }
+}
+
 variable "enable_eks_addons" {
   description = "Manage the EKS add-ons (VPC CNI, kube-proxy, CoreDNS, EBS and EFS CSI drivers). Off only against an emulator without the add-on API (moto in tests)."
   type        = bool
@@ -135,6 +224,12 @@ variable "enable_access_entries" {
 
 variable "enable_backup_policies" {
   description = "Create the EBS snapshot policy and EFS backups. Off only against an emulator without Data Lifecycle Manager (moto in tests)."
+  type        = bool
+  default     = true
+}
+
+variable "enable_gcs_redis" {
+  description = "Create the ElastiCache Redis for Ray GCS fault tolerance. Off only against an emulator that cannot read a replication group back (moto in tests)."
   type        = bool
   default     = true
 }

@@ -42,3 +42,8 @@ output "kubeconfig_command" {
   description = "Command that writes a kubeconfig entry for the cluster."
   value       = "aws eks update-kubeconfig --region ${data.aws_region.current.name} --name ${aws_eks_cluster.this.name}"
 }
+
+output "cluster_security_group_id" {
+  description = "The security group EKS creates for the cluster and attaches to managed node groups' nodes (their launch templates name none): the node security group that other services admit."
+  value       = aws_eks_cluster.this.vpc_config[0].cluster_security_group_id
+}

@@ -206,7 +206,7 @@ data "aws_iam_policy_document" "access_logs" {
     condition {
       test     = "ArnLike"
       variable = "aws:SourceArn"
-      values   = [aws_s3_bucket.artifacts.arn]
+      values   = concat([aws_s3_bucket.artifacts.arn], var.access_log_source_bucket_arns)
     }
     condition {
       test     = "StringEquals"

@@ -9,8 +9,11 @@ output "bucket_arn" {
 }
 
 output "access_log_bucket_name" {
-  description = "Bucket holding the artifacts bucket's server access logs."
+  description = "Bucket holding the server access logs of the artifacts bucket (and of var.access_log_source_bucket_arns)."
   value       = aws_s3_bucket.access_logs.id
+
+  # Log delivery is checked against the bucket policy: targets wait for it.
+  depends_on = [aws_s3_bucket_policy.access_logs]
 }
 
 output "efs_id" {

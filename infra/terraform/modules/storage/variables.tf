@@ -108,6 +108,17 @@ variable "access_log_retention_days" {
   }
 }
 
+variable "access_log_source_bucket_arns" {
+  description = "Further buckets (ARNs) whose server access logs the access-log bucket accepts, such as Velero's backup bucket."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for a in var.access_log_source_bucket_arns : can(regex("^arn:aws[a-z-]*:s3:::[a-z0-9][a-z0-9.-]+$", a))])
+    error_message = "var.access_log_source_bucket_arns must hold bucket ARNs (arn:aws:s3:::<bucket>)."
+  }
+}
+
 variable "workload_identities" {
   description = "IRSA roles that may use the bucket (and nothing else), by role suffix: the Kubernetes service accounts (namespace/name) allowed to assume each."
   type = map(object({
