@@ -24,6 +24,7 @@ What moto cannot emulate, and how the test handles it:
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -40,6 +41,7 @@ import pytest
 import yaml
 
 from raycluster.catalog import Catalog, load_catalog
+from raycluster.environments import Environment
 from raycluster.terraform import (
     AMI_TYPE_CPU,
     AMI_TYPE_GPU,
@@ -89,6 +91,12 @@ MOTO_GATES = {
         "aws_dlm_lifecycle_policy",
         ("moto has no Data Lifecycle Manager and no EFS PutBackupPolicy: EBS snapshots and EFS "
          "backups are not applied")),
+    "enable_gcs_redis": (
+        "aws_elasticache_replication_group",
+        ("moto makes no member cache clusters for a replication group (DescribeCacheClusters "
+         "answers CacheClusterNotFound), so the provider cannot read it back: the GCS Redis is "
+         "not applied (nor its subnet group: moto has no DeleteCacheSubnetGroup); its AUTH "
+         "secret and security group are")),
 }
 
 A10G_POOL = {
@@ -127,7 +135,7 @@ def terraform(*args: str, cwd: Path, timeout: float = 240) -> subprocess.Complet
 def copy_configuration(dest: Path) -> Path:
     """The committed configuration, without local state or provider folders."""
     shutil.copytree(TERRAFORM_DIR, dest, ignore=shutil.ignore_patterns(
-        ".terraform", "*.tfstate*", "*.tfplan", "moto_override.tf", "moto.auto.tfvars.json"))
+        ".terraform", "*.tfstate*", "*.tfplan", "moto_*.tf", "moto.auto.tfvars.json"))
     return dest
 
 
@@ -214,7 +222,8 @@ def moto_endpoint(tmp_path_factory: pytest.TempPathFactory):
         log.close()
 
 
-MOTO_SERVICES = ("ec2", "eks", "efs", "iam", "kms", "logs", "s3", "sts", "dlm", "autoscaling")
+MOTO_SERVICES = ("ec2", "eks", "efs", "iam", "kms", "logs", "s3", "sts", "dlm", "autoscaling",
+                 "ecr", "elasticache", "rds", "secretsmanager")
 
 
 def write_moto_overrides(root: Path, endpoint: str) -> None:
@@ -249,6 +258,18 @@ resource "aws_eks_cluster" "this" {
     ignore_changes = [access_config] # moto drops accessConfig
   }
 }
+
+# moto's EKS creates no cluster security group (the one managed nodes get): a stand-in.
+output "cluster_security_group_id" {
+  value = aws_security_group.moto_cluster_sg.id
+}
+""")
+    (root / "modules" / "eks-cluster" / "moto_cluster_sg.tf").write_text("""\
+resource "aws_security_group" "moto_cluster_sg" {
+  name_prefix = "eks-cluster-sg-${var.name}-"
+  description = "Stand-in for the cluster security group EKS makes (moto makes none)"
+  vpc_id      = var.vpc_id
+}
 """)
     (root / "modules" / "node-pool" / "moto_override.tf").write_text("""\
 resource "aws_eks_node_group" "pool" {
@@ -264,10 +285,42 @@ resource "aws_launch_template" "pool" {
   }
 }
 """)
+    (root / "modules" / "platform-services" / "moto_override.tf").write_text("""\
+resource "aws_db_instance" "mlflow" {
+  lifecycle {
+    # moto does not store Performance Insights settings
+    ignore_changes = [performance_insights_enabled, performance_insights_kms_key_id,
+    performance_insights_retention_period]
+  }
+}
+
+resource "aws_db_parameter_group" "mlflow" {
+  lifecycle {
+    ignore_changes = [parameter] # moto answers no user-set parameters
+  }
+}
+
+resource "aws_vpc_security_group_ingress_rule" "redis_from_nodes" {
+  lifecycle {
+    # moto drops the description and prefixes the referenced group with the account id
+    ignore_changes = [description, referenced_security_group_id]
+  }
+}
+
+resource "aws_vpc_security_group_ingress_rule" "mlflow_db_from_nodes" {
+  lifecycle {
+    ignore_changes = [description, referenced_security_group_id]
+  }
+}
+""")
     (root / "environments" / "production" / "moto.auto.tfvars.json").write_text(json.dumps({
         "public_access_cidrs": API_CIDRS,
         "cluster_admin_arns": [ADMIN_ARN],
         "force_destroy_buckets": True,
+        # Test-only values: the defaults keep the database and secrets on destroy.
+        "mlflow_db_deletion_protection": False,
+        "mlflow_db_skip_final_snapshot": True,
+        "secret_recovery_window_days": 0,
         **{gate: False for gate in MOTO_GATES},
     }, indent=2))
 
@@ -307,7 +360,10 @@ class Deployment:
         # moto has no DeleteFileSystemPolicy; deleting the file system removes the policy.
         if "module.storage.aws_efs_file_system_policy.shared" in self.state():
             self.run("state", "rm", "module.storage.aws_efs_file_system_policy.shared", timeout=60)
-        out = self.run("destroy", "-auto-approve", "-input=false", "-parallelism=20").stdout
+        # No refresh: the state is what the last apply left (and refreshed), and refreshing
+        # every resource again costs most of a minute on 2 cores.
+        out = self.run("destroy", "-auto-approve", "-input=false", "-parallelism=20",
+                       "-refresh=false").stdout
         self.destroyed = True
         return out
 
@@ -493,6 +549,294 @@ def test_storage_classes_manifest_names_the_file_system_and_key(deployment: Depl
     assert by_name["efs-shared"]["parameters"]["fileSystemId"] == deployment.out["efs_id"]
 
 
+# -- platform services: images, IRSA for External Secrets and Velero, Redis, PostgreSQL --------
+
+HELM_DIR = TERRAFORM_DIR.parents[1] / "infra" / "helm"
+K8S_DIR = TERRAFORM_DIR.parents[1] / "infra" / "k8s"
+ACCOUNT = "123456789012"  # moto's account
+PREFIX = "rayplane/production"
+
+
+def _helm(release: str) -> tuple[dict, dict]:
+    (entry,) = [r for r in yaml.safe_load((HELM_DIR / "charts.yaml").read_text())["releases"]
+                if r["name"] == release]
+    return entry, yaml.safe_load((HELM_DIR / entry["values"]).read_text())
+
+
+def _subject(namespace: str, name: str) -> str:
+    return f"system:serviceaccount:{namespace}:{name}"
+
+
+def _external_secrets_subject() -> str:
+    """The account the external-secrets release runs as (and the ClusterSecretStore names)."""
+    entry, values = _helm("external-secrets")
+    return _subject(entry["namespace"], values["serviceAccount"]["name"])
+
+
+def _velero_subject() -> str:
+    """The velero chart's server account: serviceAccount.server.name or <fullname>-server."""
+    entry, values = _helm("velero")
+    name = values["serviceAccount"]["server"].get("name") or (
+        f"{entry['name'] if entry['chart'] in entry['name'] else entry['name'] + '-velero'}"
+        "-server")
+    return _subject(entry["namespace"], name)
+
+
+def _statements(iam, role_name: str) -> list[dict]:
+    """Every statement of the role's inline policies; it must have no managed ones."""
+    assert iam.list_attached_role_policies(RoleName=role_name)["AttachedPolicies"] == []
+    out = []
+    for name in iam.list_role_policies(RoleName=role_name)["PolicyNames"]:
+        doc = iam.get_role_policy(RoleName=role_name, PolicyName=name)["PolicyDocument"]
+        for st in doc["Statement"]:
+            assert st["Effect"] == "Allow", (role_name, st)
+            out.append({**st, "Action": _as_list(st["Action"]),
+                        "Resource": _as_list(st["Resource"])})
+    return out
+
+
+def _as_list(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _trust_subjects(iam, role_name: str, oidc_provider_arn: str) -> set[str]:
+    (trust,) = iam.get_role(RoleName=role_name)["Role"]["AssumeRolePolicyDocument"]["Statement"]
+    assert trust["Principal"] == {"Federated": oidc_provider_arn}
+    assert trust["Action"] == "sts:AssumeRoleWithWebIdentity"
+    equals = trust["Condition"]["StringEquals"]
+    assert next(v for k, v in equals.items() if k.endswith(":aud")) == "sts.amazonaws.com"
+    subjects = next(v for k, v in equals.items() if k.endswith(":sub"))
+    return {subjects} if isinstance(subjects, str) else set(subjects)
+
+
+def _ingress(ec2, group_id: str) -> list[dict]:
+    (group,) = ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
+    return group["IpPermissions"]
+
+
+def _only_from_nodes(ec2, group_id: str, port: int, node_sg: str) -> None:
+    (rule,) = _ingress(ec2, group_id)
+    assert (rule["IpProtocol"], rule["FromPort"], rule["ToPort"]) == ("tcp", port, port)
+    assert [p["GroupId"] for p in rule["UserIdGroupPairs"]] == [node_sg]
+    assert rule.get("IpRanges", []) == [] and rule.get("Ipv6Ranges", []) == []
+
+
+@applies
+def test_the_image_repository_is_immutable_scanned_and_kms_encrypted(deployment: Deployment):
+    ecr = deployment.client("ecr")
+    url = deployment.out["ecr_repository_url"]
+    assert url == f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/rayplane"
+    (repo,) = ecr.describe_repositories(repositoryNames=["rayplane"])["repositories"]
+    assert repo["repositoryUri"] == url
+    assert repo["imageTagMutability"] == "IMMUTABLE"
+    assert repo["imageScanningConfiguration"] == {"scanOnPush": True}
+    assert repo["encryptionConfiguration"] == {
+        "encryptionType": "KMS", "kmsKey": deployment.out["data_kms_key_arn"]}
+    rules = json.loads(ecr.get_lifecycle_policy(repositoryName="rayplane")[
+        "lifecyclePolicyText"])["rules"]
+    selections = [r["selection"] for r in rules]
+    assert all(r["action"] == {"type": "expire"} for r in rules)
+    assert {"tagStatus": "untagged", "countType": "sinceImagePushed", "countUnit": "days",
+            "countNumber": 7} in selections
+    # Release tags (the ones environments pin) never expire: only untagged images and the
+    # throw-away CI prefixes are selected.
+    assert [s.get("tagPrefixList") for s in selections if s["tagStatus"] == "tagged"] == [
+        ["ci-", "pr-"]]
+    assert "any" not in {s["tagStatus"] for s in selections}
+    # A pinned tag cannot be pushed twice with different content.
+    manifest = {"schemaVersion": 2, "mediaType":
+                "application/vnd.docker.distribution.manifest.v2+json",
+                "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                           "size": 7023, "digest": "sha256:" + "a" * 64}, "layers": []}
+    ecr.put_image(repositoryName="rayplane", imageManifest=json.dumps(manifest),
+                  imageTag="2.60.0-py311-cpu")
+    manifest["config"]["digest"] = "sha256:" + "b" * 64
+    # AWS answers ImageTagAlreadyExistsException, moto ImageAlreadyExistsException; a mutable
+    # repository would move the tag instead.
+    with pytest.raises((ecr.exceptions.ImageTagAlreadyExistsException,
+                        ecr.exceptions.ImageAlreadyExistsException)):
+        ecr.put_image(repositoryName="rayplane", imageManifest=json.dumps(manifest),
+                      imageTag="2.60.0-py311-cpu")
+    (image,) = ecr.describe_images(repositoryName="rayplane")["imageDetails"]
+    assert image["imageTags"] == ["2.60.0-py311-cpu"]
+
+
+@applies
+def test_external_secrets_role_reads_only_the_environments_secrets(deployment: Deployment):
+    iam = deployment.client("iam")
+    arn = deployment.out["external_secrets_role_arn"]
+    assert arn == f"arn:aws:iam::{ACCOUNT}:role/{CLUSTER}-external-secrets"
+    role = arn.rsplit("/", 1)[-1]
+    # Trusted by the service account the Helm release runs as, which the ClusterSecretStore names.
+    (store,) = [d for d in yaml.safe_load_all((K8S_DIR / "02-clustersecretstore.yaml").read_text())
+                if d]
+    ref = store["spec"]["provider"]["aws"]["auth"]["jwt"]["serviceAccountRef"]
+    assert _trust_subjects(iam, role, deployment.out["oidc_provider_arn"]) == {
+        _external_secrets_subject()} == {_subject(ref["namespace"], ref["name"])}
+
+    statements = _statements(iam, role)
+    prefix_pattern = f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:{PREFIX}/*"
+    db_secret = deployment.out["mlflow_db_secret_arn"]
+    secret_statements = [s for s in statements if s["Action"][0].startswith("secretsmanager:")]
+    assert {a for s in secret_statements for a in s["Action"]} == {
+        "secretsmanager:GetSecretValue", "secretsmanager:DescribeSecret"}
+    assert {r for s in secret_statements for r in s["Resource"]} == {prefix_pattern, db_secret}
+    (kms,) = [s for s in statements if s["Action"][0].startswith("kms:")]
+    assert kms["Action"] == ["kms:Decrypt"]
+    assert kms["Resource"] == [deployment.out["data_kms_key_arn"]]
+    assert kms["Condition"]["StringEquals"] == {
+        "kms:ViaService": f"secretsmanager.{REGION}.amazonaws.com"}
+    assert len(statements) == len(secret_statements) + 1
+
+    # Every secret the rendered ExternalSecrets ask for is readable; nothing outside the prefix
+    # is, except MLflow's RDS-managed password, by its exact ARN.
+    def readable(secret_arn: str) -> bool:
+        return any(fnmatch.fnmatchcase(secret_arn, r)
+                   for s in secret_statements for r in s["Resource"])
+
+    keys = {d["remoteRef"]["key"] for es in yaml.safe_load_all(
+        (K8S_DIR / "08-externalsecret.yaml").read_text()) if es for d in es["spec"]["data"]}
+    for key in keys:
+        assert readable(f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:{key}-AbCdEf"), key
+    assert readable(db_secret)
+    assert not readable(f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:rayplane/staging/x-A")
+    assert not readable(f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:other-AbCdEf")
+
+
+@applies
+def test_velero_role_reaches_only_its_bucket_and_snapshots(deployment: Deployment):
+    iam = deployment.client("iam")
+    arn = deployment.out["velero_role_arn"]
+    assert arn == f"arn:aws:iam::{ACCOUNT}:role/{CLUSTER}-velero"
+    role = arn.rsplit("/", 1)[-1]
+    assert _trust_subjects(iam, role, deployment.out["oidc_provider_arn"]) == {_velero_subject()}
+    _, values = _helm("velero")
+    assert values["serviceAccount"]["server"]["annotations"][
+        "eks.amazonaws.com/role-arn"].rsplit("/", 1)[-1] == role
+
+    bucket_arn = f"arn:aws:s3:::{deployment.out['velero_bucket_name']}"
+    statements = _statements(iam, role)
+    for st in statements:
+        services = {a.split(":")[0] for a in st["Action"]}
+        assert len(services) == 1, st
+        (service,) = services
+        if service == "s3":
+            assert set(st["Resource"]) <= {bucket_arn, f"{bucket_arn}/*"}, st
+        elif service == "kms":
+            assert st["Resource"] == [deployment.out["data_kms_key_arn"]], st
+            assert st["Condition"]["StringEquals"]["kms:ViaService"] in {
+                f"s3.{REGION}.amazonaws.com", f"ec2.{REGION}.amazonaws.com"}, st
+        elif st["Resource"] == ["*"]:
+            # EC2 Describe actions take no resource-level permissions; nothing else gets "*".
+            assert all(a.startswith("ec2:Describe") for a in st["Action"]), st
+        else:
+            assert service == "ec2", st
+            assert all(r.startswith(f"arn:aws:ec2:{REGION}:") for r in st["Resource"]), st
+    (delete,) = [s for s in statements if "ec2:DeleteSnapshot" in s["Action"]]
+    # Only snapshots Velero tagged may go, never the lifecycle policy's daily ones.
+    assert delete["Condition"] == {"Null": {"aws:ResourceTag/velero.io/backup": "false"}}
+    covered = {a for s in statements for a in s["Action"]}
+    assert {"s3:PutObject", "s3:GetObject", "s3:DeleteObject", "s3:ListBucket",
+            "ec2:CreateSnapshot", "ec2:CreateVolume", "ec2:DescribeVolumes",
+            "ec2:DeleteSnapshot"} <= covered
+
+
+@applies
+def test_the_velero_bucket_is_versioned_kms_encrypted_private_tls_only_and_logged(
+        deployment: Deployment):
+    s3 = deployment.client("s3")
+    bucket = deployment.out["velero_bucket_name"]
+    assert bucket == f"{CLUSTER}-backups-{ACCOUNT}"
+    assert s3.get_bucket_versioning(Bucket=bucket)["Status"] == "Enabled"
+    (rule,) = s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]["Rules"]
+    assert rule["ApplyServerSideEncryptionByDefault"] == {
+        "SSEAlgorithm": "aws:kms", "KMSMasterKeyID": deployment.out["data_kms_key_arn"]}
+    block = s3.get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"]
+    assert all(block.values()) and len(block) == 4
+    policy = json.loads(s3.get_bucket_policy(Bucket=bucket)["Policy"])
+    conditions = [s["Condition"] for s in policy["Statement"] if s["Effect"] == "Deny"]
+    assert {"Bool": {"aws:SecureTransport": "false"}} in conditions
+    assert {"NumericLessThan": {"s3:TlsVersion": "1.2"}} in conditions
+    logging = s3.get_bucket_logging(Bucket=bucket)["LoggingEnabled"]
+    assert logging == {"TargetBucket": f"{deployment.out['bucket_name']}-access-logs",
+                       "TargetPrefix": "velero/"}
+    # The access-log bucket admits the backup bucket as a log source.
+    log_policy = json.loads(s3.get_bucket_policy(Bucket=logging["TargetBucket"])["Policy"])
+    (delivery,) = [s for s in log_policy["Statement"] if s["Effect"] == "Allow"]
+    assert f"arn:aws:s3:::{bucket}" in delivery["Condition"]["ArnLike"]["aws:SourceArn"]
+
+
+@applies
+def test_the_gcs_redis_auth_token_and_network_are_ready(deployment: Deployment):
+    sm, ec2 = deployment.client("secretsmanager"), deployment.client("ec2")
+    name = deployment.out["redis_auth_secret_name"]
+    assert name == f"{PREFIX}/redis-auth-token"
+    secret = sm.describe_secret(SecretId=name)
+    assert secret["KmsKeyId"] == deployment.out["data_kms_key_arn"]
+    # A plain string (the rendered ExternalSecret reads the whole value), strong and generated.
+    token = sm.get_secret_value(SecretId=name)["SecretString"]
+    assert re.fullmatch(r"[A-Za-z0-9]{64}", token)
+    (group,) = ec2.describe_security_groups(Filters=[
+        {"Name": "tag:Name", "Values": [f"{CLUSTER}-gcs-redis"]}])["SecurityGroups"]
+    assert group["VpcId"] == deployment.out["vpc_id"]
+    _only_from_nodes(ec2, group["GroupId"], 6379, deployment.out["node_security_group_id"])
+    # The replication group itself is gated off here (see test_what_moto_cannot_emulate...).
+    assert deployment.out.get("redis_address") is None
+
+
+@applies
+def test_the_mlflow_database_is_private_encrypted_backed_up_with_a_managed_password(
+        deployment: Deployment):
+    rds, sm, ec2 = (deployment.client(s) for s in ("rds", "secretsmanager", "ec2"))
+    (db,) = rds.describe_db_instances(DBInstanceIdentifier=f"{CLUSTER}-mlflow")["DBInstances"]
+    key = deployment.out["data_kms_key_arn"]
+    assert (db["Engine"], db["DBName"], db["MasterUsername"]) == ("postgres", "mlflow", "mlflow")
+    assert db["Endpoint"]["Address"] == deployment.out["mlflow_db_address"]
+    assert db["Endpoint"]["Port"] == deployment.out["mlflow_db_port"] == 5432
+    assert db["StorageEncrypted"] is True and db["KmsKeyId"] == key
+    assert db["PubliclyAccessible"] is False
+    assert db["MultiAZ"] is True
+    assert db["BackupRetentionPeriod"] == 14
+    assert db["IAMDatabaseAuthenticationEnabled"] is True
+    assert set(db["EnabledCloudwatchLogsExports"]) == {"postgresql", "upgrade"}
+    (pg,) = db["DBParameterGroups"]
+    assert pg["DBParameterGroupName"].startswith(f"{CLUSTER}-mlflow-")
+    subnets = {s["SubnetIdentifier"] for s in db["DBSubnetGroup"]["Subnets"]}
+    assert subnets == set(deployment.out["private_subnet_ids"])
+    (sg,) = db["VpcSecurityGroups"]
+    _only_from_nodes(ec2, sg["VpcSecurityGroupId"], 5432, deployment.out["node_security_group_id"])
+    # The password: made and kept by RDS in Secrets Manager, encrypted with the data key.
+    assert db["MasterUserSecret"]["SecretArn"] == deployment.out["mlflow_db_secret_arn"]
+    assert db["MasterUserSecret"]["KmsKeyId"] == key
+    credentials = json.loads(sm.get_secret_value(
+        SecretId=deployment.out["mlflow_db_secret_arn"])["SecretString"])
+    # The keys the mlflow-db ExternalSecret maps (moto writes fixed values into them).
+    assert {"username", "password"} <= set(credentials) and credentials["password"]
+    groups = {g["logGroupName"]: g for g in deployment.client("logs").describe_log_groups(
+        logGroupNamePrefix=f"/aws/rds/instance/{CLUSTER}-mlflow/")["logGroups"]}
+    assert set(groups) == {f"/aws/rds/instance/{CLUSTER}-mlflow/{t}"
+                           for t in ("postgresql", "upgrade")}
+    assert all(g["kmsKeyId"] == key and g["retentionInDays"] == 365 for g in groups.values())
+
+
+@applies
+def test_the_outputs_fill_the_environment_file(deployment: Deployment):
+    """What docs/deployment.md tells the operator to copy: the environment file, filled from the
+    outputs, still validates and points at what Terraform made."""
+    out = deployment.out
+    data = yaml.safe_load(
+        (TERRAFORM_DIR.parents[1] / "raycluster" / "environments" / "production.yaml").read_text())
+    data.update(cluster_name=out["cluster_name"], region=out["region"],
+                kubernetes_version=out["cluster_version"], account_id=ACCOUNT,
+                irsa_role_arns={ns: out["workload_role_arns"]["ray"] for ns in data[
+                    "irsa_role_arns"]})
+    data["images"]["repository"] = out["ecr_repository_url"]
+    data["storage"]["artifacts_bucket"] = out["bucket_name"]
+    env = Environment.parse(data)
+    assert env.images.image(gpu=False) == f"{out['ecr_repository_url']}:2.60.0-py311-cpu"
+    assert out["redis_auth_secret_name"] == f"{env.secrets_manager_prefix}/redis-auth-token"
+
+
 @applies
 @pytest.mark.parametrize("gate", sorted(MOTO_GATES))
 def test_what_moto_cannot_emulate_is_gated_off(deployment: Deployment, gate: str):
@@ -548,3 +892,7 @@ def test_destroy_removes_everything(deployment: Deployment):
             "PendingDeletion"
     roles = [r["RoleName"] for r in deployment.client("iam").list_roles()["Roles"]]
     assert not [r for r in roles if r.startswith(CLUSTER)]
+    assert deployment.client("ecr").describe_repositories()["repositories"] == []
+    assert deployment.client("rds").describe_db_instances()["DBInstances"] == []
+    # The Redis AUTH token (recovery window 0 here) and RDS's managed password are gone.
+    assert deployment.client("secretsmanager").list_secrets()["SecretList"] == []
