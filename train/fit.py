@@ -22,8 +22,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from raycluster.spec import SpecError
-from train.config import TrainConfig
-from train.platform import Placement, preflight, start_mlflow_run, trainer
+from train import tracking
+from train.config import TrainConfig, worker_resources
+from train.evaluate import evaluate_checkpoint
+from train.loop import load_split, train_loop_per_worker
+from train.model import MODEL_FILES
+from train.platform import Placement, connect, preflight, start_mlflow_run, trainer
+from train.tokenizer import render_text, train_tokenizer
 
 RESULT_PREFIX = "RAYPLANE_TRAIN_RESULT "
 
@@ -47,9 +52,6 @@ class FitOutcome:
 
 def build_tokenizer(cfg: TrainConfig):
     """The BPE trained on the rendered training conversations (deterministic)."""
-    from train.loop import load_split
-    from train.tokenizer import render_text, train_tokenizer
-
     texts = [render_text(ex.messages, ex.tools) for ex in load_split(cfg, "train")]
     return train_tokenizer(texts, cfg.data.vocab_size)
 
@@ -57,9 +59,6 @@ def build_tokenizer(cfg: TrainConfig):
 def evaluate_on_pool(placement: Placement, cfg: TrainConfig, checkpoint):
     """Held-out evaluation of ``checkpoint`` as a Ray task on the config's pool."""
     import ray
-
-    from train.config import worker_resources
-    from train.evaluate import evaluate_checkpoint
 
     res = dict(worker_resources(placement.catalog, cfg, placement.local))
     options = {"num_cpus": res.pop("CPU", 0.0), "num_gpus": res.pop("GPU", 0.0),
@@ -69,13 +68,10 @@ def evaluate_on_pool(placement: Placement, cfg: TrainConfig, checkpoint):
 
 
 def fit(cfg: TrainConfig, placement: Placement, *, parent_run_id: str | None = None,
-        register: bool | None = None, log=print) -> FitOutcome:
+        register: bool | None = None, tokenizer=None, log=print) -> FitOutcome:
     """Train ``cfg`` on ``placement`` and evaluate + register; the run must be preflighted."""
-    from train import tracking
-    from train.loop import train_loop_per_worker
-
     uri = cfg.mlflow.tracking_uri or ""
-    tokenizer = build_tokenizer(cfg)
+    tokenizer = tokenizer or build_tokenizer(cfg)
     run, worker_keys = start_mlflow_run(cfg, parent_run_id=parent_run_id)
     log(f"MLflow run {run.run_id} ({'continued' if run.resumed else 'new'}) in experiment "
         f"{cfg.mlflow.experiment!r} at {uri}")
@@ -91,7 +87,9 @@ def fit(cfg: TrainConfig, placement: Placement, *, parent_run_id: str | None = N
         raise
     train_seconds = time.perf_counter() - started
     best = result.get_best_checkpoint("val_loss", "min") or result.checkpoint
-    last = result.metrics or {}
+    # A finished run submitted again trains no step: its last report is its newest checkpoint's.
+    last = result.metrics or max((m for _, m in result.best_checkpoints or []),
+                                 key=lambda m: m.get("step", 0), default={})
     log(f"trained {cfg.name} to step {last.get('step')} in {train_seconds:.0f}s "
         f"(val_loss {last.get('val_loss', float('nan')):.4f}, restarts "
         f"{last.get('restarts', 0)}, resubmissions {last.get('resubmissions', 0)})")
@@ -105,8 +103,6 @@ def fit(cfg: TrainConfig, placement: Placement, *, parent_run_id: str | None = N
                "resubmissions": float(last.get("resubmissions", 0))}
     tracking.log_metrics(uri, run.run_id, metrics, step=cfg.steps)
     tracking.log_json(uri, run.run_id, "eval_failures.json", ev.failures)
-    from train.model import MODEL_FILES
-
     with best.as_directory() as folder:
         tracking.log_model_folder(uri, run.run_id, folder, MODEL_FILES)
     passed = ev.exact_match >= cfg.eval.min_exact_match
@@ -159,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = TrainConfig.load(args.config, args.overrides)
-        placement = preflight(cfg)
+        placement = preflight(cfg, connect_to_ray=False)
+        # The tokenizer (and the task data it is trained on) before Ray: see
+        # platform._settle_working_dir.
+        tokenizer = build_tokenizer(cfg)
+        placement = connect(cfg, placement.catalog)
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({'local platform' if placement.local else 'cluster'}), {cfg.steps} steps, "
           f"storage {cfg.storage_path}", flush=True)
     outcome = fit(cfg, placement, register=False if args.no_register else None,
-                  log=lambda msg: print(msg, flush=True))
+                  tokenizer=tokenizer, log=lambda msg: print(msg, flush=True))
     print(RESULT_PREFIX + json.dumps(asdict(outcome)), flush=True)
     return 0 if outcome.passed else 1
 

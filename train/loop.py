@@ -265,7 +265,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return torch.autocast(device_type="cuda", dtype=amp_dtype)
 
     def validate() -> float:
-        model.eval()
+        # The unwrapped module: DDP's forward would sync with the other ranks, whose
+        # validation shards may need a different number of batches.
+        net = getattr(model, "module", model)
+        net.eval()
         total = torch.zeros(2, dtype=torch.float64, device=device)
         order = sorted(range(len(val_ids)), key=lambda i: len(val_ids[i]))
         with torch.no_grad():
@@ -275,14 +278,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                   pad_id)
                 x, a, y = x.to(device), a.to(device), y.to(device)
                 with autocast():
-                    logits = model(input_ids=x, attention_mask=a).logits.float()
+                    logits = net(input_ids=x, attention_mask=a).logits.float()
                 loss = torch.nn.functional.cross_entropy(
                     logits[:, :-1].reshape(-1, logits.size(-1)), y[:, 1:].reshape(-1),
                     ignore_index=IGNORE, reduction="sum")
                 total += torch.stack([loss.double(), (y[:, 1:] != IGNORE).sum().double()])
         if world > 1:
             torch.distributed.all_reduce(total)
-        model.train()
+        net.train()
         return float(total[0] / total[1].clamp(min=1))
 
     # -- the loop -------------------------------------------------------------------------

@@ -9,6 +9,7 @@ docs/training.md for a team's own ``train_func`` in a few lines.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -74,22 +75,17 @@ def connect_ray() -> None:
     if ray.is_initialized():
         return
     if os.environ.get(_JOB_ENV):
-        # Import what the driver uses before Ray sets up the job's working_dir on the other
-        # nodes: on the local platform all nodes share one temp dir, and each node's runtime
-        # env agent re-extracts the same working_dir folder (removing it first), which
-        # strands the driver's cwd and breaks imports made meanwhile.
-        import tokenizers  # noqa: F401
-        import transformers  # noqa: F401
-        from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast  # noqa: F401
-
-        import train.evaluate
-        import train.fit
-        import train.loop
-        import train.model
-
-        ray.init(log_to_driver=True)
-        # Everything cwd-relative (the config, data_path) was resolved before this point.
-        os.chdir(tempfile.gettempdir())
+        job_env = (json.loads(os.environ[_JOB_ENV]).get("runtime_env") or {}).get(
+            "env_vars") or {}
+        extra = {}
+        if os.environ.get("RAY_ADDRESS") and "RAY_ADDRESS" not in job_env:
+            # The job's actors find their cluster for ray.util.state calls (Ray Train's
+            # placement-group cleaner frees a dead controller's workers that way) from
+            # RAY_ADDRESS, else by scanning the machine for Ray instances, which fails where
+            # several clusters share one (the local platform beside another): pin it to
+            # the cluster this job runs on (merged into the job's runtime env).
+            extra = {"runtime_env": {"env_vars": {"RAY_ADDRESS": os.environ["RAY_ADDRESS"]}}}
+        ray.init(log_to_driver=True, **extra)
         return
     import raycluster
     import train
@@ -98,24 +94,51 @@ def connect_ray() -> None:
     ray.init(runtime_env={"py_modules": modules}, log_to_driver=True)
 
 
-def preflight(cfg: TrainConfig, catalog: Catalog | None = None, *, check_mlflow: bool = True,
-              connect: bool = True) -> Placement:
-    """Everything that can be wrong with a run, checked before any worker starts; raises a
-    one-line SpecError naming the field."""
-    catalog = catalog or platform_catalog()
-    check_pool_capacity(catalog, cfg)
-    check_data_path(cfg)
-    if check_mlflow:
-        check_tracking_server(cfg.mlflow.tracking_uri)
-    if not connect:
-        return Placement(catalog, bool(cfg.local), [])
+def _settle_working_dir(nodes: list[dict[str, Any]]) -> None:
+    """The local platform runs all its Ray nodes on one machine with one temp dir, so every
+    node's runtime-env agent unpacks the job's working_dir into the same folder, removing it
+    first; the driver's cwd and files read meanwhile vanish. Wait until each node has set the
+    job's environment up (a no-op task per node), then leave the cwd (everything cwd-relative
+    was resolved before connecting). On KubeRay each node has its own disk: not needed."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    def noop() -> None:
+        return None
+
+    task = ray.remote(num_cpus=0)(noop)
+    ray.get([task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        n["NodeID"], soft=False)).remote() for n in nodes], timeout=120)
+    os.chdir(tempfile.gettempdir())
+
+
+def connect(cfg: TrainConfig, catalog: Catalog) -> Placement:
+    """Connect to Ray and check the run fits the running cluster (locally: what its nodes
+    advertise)."""
     import ray
 
     connect_ray()
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     local = cfg.local if cfg.local is not None else cluster_is_local(catalog, nodes)
     check_cluster_capacity(catalog, cfg, nodes, local)
+    if local and os.environ.get(_JOB_ENV):
+        _settle_working_dir(nodes)
     return Placement(catalog, local, nodes)
+
+
+def preflight(cfg: TrainConfig, catalog: Catalog | None = None, *, check_mlflow: bool = True,
+              connect_to_ray: bool = True) -> Placement:
+    """Everything that can be wrong with a run, checked before any worker starts; raises a
+    one-line SpecError naming the field. ``connect_to_ray=False`` stops before Ray (then
+    call ``connect``)."""
+    catalog = catalog or platform_catalog()
+    check_pool_capacity(catalog, cfg)
+    check_data_path(cfg)
+    if check_mlflow:
+        check_tracking_server(cfg.mlflow.tracking_uri)
+    if not connect_to_ray:
+        return Placement(catalog, bool(cfg.local), [])
+    return connect(cfg, catalog)
 
 
 def run_config(cfg: TrainConfig, callbacks: list | None = None):

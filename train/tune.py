@@ -73,9 +73,22 @@ class SweepConfig(Spec):
                                     description="ASHA: 1/reduction_factor of trials go on at "
                                                 "each rung.")
     seed: int = Field(default=0, description="Optuna sampler seed.")
+    points_to_evaluate: list[dict[str, float | int]] = Field(
+        default_factory=list,
+        description="Configurations to try first (e.g. the current one), as {lr, n_embd, "
+                    "n_layer, batch_size}; Optuna proposes the rest.")
     output_dir: str | None = Field(default=None,
                                    description="Where the best config and model go (default: "
                                                "<storage_path>/<name>/best).")
+
+    @model_validator(mode="after")
+    def _points(self) -> Self:
+        keys = {"lr", "n_embd", "n_layer", "batch_size"}
+        for i, point in enumerate(self.points_to_evaluate):
+            if set(point) != keys:
+                raise ValueError(f"points_to_evaluate[{i}]: {point} must give exactly "
+                                 f"{', '.join(sorted(keys))}")
+        return self
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
@@ -154,7 +167,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep: str, token
 
 
 def sweep(sw: SweepConfig, cfg: TrainConfig, placement, *, register: bool = False,
-          log=print) -> dict[str, Any]:
+          tokenizer=None, log=print) -> dict[str, Any]:
     """Run the sweep; returns the summary written to ``<output_dir>/sweep.json``."""
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
@@ -178,26 +191,31 @@ def sweep(sw: SweepConfig, cfg: TrainConfig, placement, *, register: bool = Fals
                                 kind="sweep")
     log(f"sweep {sw.name}: {sw.num_samples} trials, {concurrent} at once, ASHA max_t "
         f"{report_steps(cfg)} reports; MLflow run {parent.run_id}")
-    tokenizer = build_tokenizer(cfg).backend_tokenizer.to_str()
+    tokenizer = (tokenizer or build_tokenizer(cfg)).backend_tokenizer.to_str()
     space = {"lr": ray.tune.loguniform(*sw.search.lr),
              "n_embd": ray.tune.choice(sw.search.n_embd),
              "n_layer": ray.tune.choice(sw.search.n_layer),
              "batch_size": ray.tune.choice(sw.search.batch_size)}
     searcher = ConcurrencyLimiter(
-        OptunaSearch(metric="val_loss", mode="min", seed=sw.seed), max_concurrent=concurrent)
+        OptunaSearch(metric="val_loss", mode="min", seed=sw.seed,
+                     points_to_evaluate=sw.points_to_evaluate or None),
+        max_concurrent=concurrent)
+    # stop_last_trials=False: a trial that reaches max_t ends on its own (its Train run
+    # finishes and releases its workers) instead of being stopped at its last report.
     scheduler = ASHAScheduler(time_attr="training_iteration", metric="val_loss", mode="min",
                               max_t=report_steps(cfg), grace_period=sw.grace_period,
-                              reduction_factor=sw.reduction_factor)
+                              reduction_factor=sw.reduction_factor, stop_last_trials=False)
     trainable = ray.tune.with_parameters(
         run_trial, base=cfg.to_dict(), sweep=sw.name, tokenizer=tokenizer,
         parent_run_id=parent.run_id, local=placement.local, threads=threads)
-    # The trial itself only drives a TorchTrainer: its workers hold the pool's resources.
-    trainable = ray.tune.with_resources(trainable, {"CPU": 0})
+    # The trial itself only drives a TorchTrainer (its workers hold the pool's resources):
+    # a sliver of a CPU (Tune refuses an empty request), which also keeps it off the GPU
+    # pools' nodes, as their CPUs belong to the training workers.
+    trainable = ray.tune.with_resources(trainable, {"CPU": 0.05})
     tuner = ray.tune.Tuner(
         trainable, param_space=space,
         tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
-                                        num_samples=sw.num_samples,
-                                        max_concurrent_trials=concurrent),
+                                        num_samples=sw.num_samples),
         run_config=ray.tune.RunConfig(name=sw.name, storage_path=cfg.storage_path))
     started = time.perf_counter()
     grid = tuner.fit()
@@ -304,16 +322,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--register", action="store_true",
                         help="Evaluate the best trial and register it when it passes.")
     args = parser.parse_args(argv)
-    from train.platform import preflight
+    from train.fit import build_tokenizer
+    from train.platform import connect, preflight
 
     try:
         sw = SweepConfig.load(args.config, args.overrides)
         cfg = sw.base_config(args.base_overrides)
-        placement = preflight(cfg)
+        placement = preflight(cfg, connect_to_ray=False)
+        tokenizer = build_tokenizer(cfg)  # before Ray: see platform._settle_working_dir
+        placement = connect(cfg, placement.catalog)
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
-    summary = sweep(sw, cfg, placement, register=args.register,
+    summary = sweep(sw, cfg, placement, register=args.register, tokenizer=tokenizer,
                     log=lambda msg: print(msg, flush=True))
     print("RAYPLANE_TUNE_RESULT " + json.dumps({k: summary[k] for k in (
         "sweep", "mlflow_run_id", "stopped_early", "best_config", "model_dir")} | {
