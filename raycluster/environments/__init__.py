@@ -260,8 +260,10 @@ class Environment(Spec):
     @field_validator("redis_address")
     @classmethod
     def _host_port(cls, v: str) -> str:
-        if not re.fullmatch(r"[\w.-]+:\d{1,5}", v):
-            raise ValueError("must be host:port, e.g. rayplane-gcs.abc123.cache.amazonaws.com:6379")
+        # rediss:// makes Ray's GCS speak TLS, which the Terraform-made ElastiCache requires.
+        if not re.fullmatch(r"(rediss?://)?[\w.-]+:\d{1,5}", v):
+            raise ValueError("must be [rediss://]host:port, e.g. "
+                             "rediss://rayplane-gcs.abc123.cache.amazonaws.com:6379")
         return v
 
     @model_validator(mode="after")
