@@ -227,9 +227,10 @@ def status_cmd(state_dir: StateOpt = None, address: AddressOpt = None,
 
 def chat_once(message: str, *, model: str | None = None, max_tokens: int = 64,
               base_url: str | None = None, api_key: str | None = None,
-              state_dir: Path | None = None):
+              state_dir: Path | None = None, tools: list[dict] | None = None):
     """One chat completion through the official openai client: (model, response, base URL).
-    Defaults: OPENAI_BASE_URL / OPENAI_API_KEY, else the local platform's endpoint and key."""
+    Defaults: OPENAI_BASE_URL / OPENAI_API_KEY, else the local platform's endpoint and key.
+    ``tools`` (OpenAI function specs) lets a tool-use model answer with ``tool_calls``."""
     from openai import OpenAI, OpenAIError
 
     base = base_url or os.environ.get("OPENAI_BASE_URL")
@@ -247,9 +248,10 @@ def chat_once(message: str, *, model: str | None = None, max_tokens: int = 64,
     client = OpenAI(base_url=base, api_key=key, max_retries=3, timeout=120)
     try:
         model = model or client.models.list().data[0].id
+        extra = {"tools": tools} if tools else {}
         resp = client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": message}],
-            max_tokens=max_tokens, temperature=0)
+            max_tokens=max_tokens, temperature=0, **extra)
     except OpenAIError as err:
         raise UserError(f"{base}: {err}") from None
     return model, resp, base
