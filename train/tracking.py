@@ -40,9 +40,9 @@ def check_tracking_server(uri: str | None, field: str = "mlflow.tracking_uri",
     """The URI, once its server answers ``/health``; else a one-line SpecError naming the
     field and the URI."""
     if not uri:
+        where = field if field.startswith("--") else f"{field} in the config"
         raise SpecError(f"{field}: not set; set MLFLOW_TRACKING_URI (the local platform's is "
-                        "printed by `rayplane up`) or mlflow.tracking_uri in the config",
-                        field=field)
+                        f"printed by `rayplane up`) or {where}", field=field)
     if not uri.startswith(("http://", "https://")):
         return uri  # a file or database store: nothing to reach
     url = uri.rstrip("/") + "/health"
