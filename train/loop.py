@@ -366,6 +366,9 @@ def _setup_wandb(cfg: TrainConfig, config: dict[str, Any]):
     folder = spec.dir or str(Path(tempfile.gettempdir()) / "rayplane-wandb")
     Path(folder).mkdir(parents=True, exist_ok=True)
     run_id = config.get("mlflow_run_id") or cfg.name
+    if spec.mode.value != "online":
+        # W&B's own switch; Ray's integration asks for an API key unless it is set.
+        os.environ["WANDB_MODE"] = spec.mode.value
     return setup_wandb(config=cfg.flat_params(), project=spec.project, mode=spec.mode.value,
                        dir=folder, entity=spec.entity, trial_id=run_id, trial_name=cfg.name,
                        group=cfg.name, rank_zero_only=True)

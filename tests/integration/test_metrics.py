@@ -50,7 +50,7 @@ def test_generated_config_passes_promtool(tmp_path):
     config = tmp_path / "prometheus.yml"
     config.write_text(prometheus_config(tmp_path))
     res = subprocess.run([promtool, "check", "config", str(config)], capture_output=True,
-                         text=True, timeout=60)
+                         text=True, timeout=60, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
 
 

@@ -13,11 +13,11 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
 import torch
 
 from tests.integration.conftest import ray_job_submit
 from tests.integration.test_train_fit import (
+    STEPS,
     fit_args,
     job_logs,
     job_request,
@@ -33,21 +33,11 @@ from train.fit import result_from_logs
 from train.loop import TRAIN_STATE, TRAIN_STATE_JSON
 from train.model import load_model_folder
 
-STEPS = 600  # long enough that the run is still going when the first checkpoint lands
-
-
-@pytest.fixture
-def state_api_env(cluster_env, monkeypatch):
-    """ray.util.state in this process needs the cluster's token like any client."""
-    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
-        monkeypatch.setenv(key, cluster_env[key])
-    return cluster_env
-
 
 def checkpoints_load(run_dir: Path, keep: int) -> list[int]:
     """Every kept checkpoint loads (model, tokenizer, optimizer state) and is the step its
     name says; returns the steps."""
-    ckpts = sorted(run_dir.glob("checkpoint_*"))
+    ckpts = sorted(p for p in run_dir.glob("checkpoint_[0-9]*") if p.is_dir())
     assert 1 <= len(ckpts) <= keep + 1, ckpts  # best `keep` by val loss, plus the latest
     steps = []
     for ckpt in ckpts:
@@ -61,10 +51,11 @@ def checkpoints_load(run_dir: Path, keep: int) -> list[int]:
 
 
 def test_killed_worker_resumes_from_its_last_checkpoint(local_cluster, cluster_env,
-                                                        state_api_env, tmp_path):
+                                                        tmp_path):
     name = f"it-kill-{uuid.uuid4().hex[:8]}"
     sid = f"{name}-job"
-    submit_no_wait(cluster_env, sid, fit_args(name, tmp_path, "--set", f"steps={STEPS}",
+    # 600 steps: the run is still going when its first checkpoint (step 100) lands.
+    submit_no_wait(cluster_env, sid, fit_args(name, tmp_path,
                                               "--set", "mlflow.register_on_pass=false"))
     wait_for_checkpoint(local_cluster, sid, tmp_path / name, 100, timeout=600)
     pids = train_worker_pids(local_cluster, sid)
@@ -98,8 +89,7 @@ def test_stopped_run_resubmitted_under_its_name_continues(local_cluster, cluster
                                                           tmp_path):
     name = f"it-resub-{uuid.uuid4().hex[:8]}"
     first = f"{name}-1"
-    args = fit_args(name, tmp_path, "--set", f"steps={STEPS}",
-                    "--set", "mlflow.register_on_pass=false")
+    args = fit_args(name, tmp_path, "--set", "mlflow.register_on_pass=false")
     submit_no_wait(cluster_env, first, args)
     wait_for_checkpoint(local_cluster, first, tmp_path / name, 100, timeout=600)
     job_request(local_cluster, "POST", f"/api/jobs/{first}/stop")

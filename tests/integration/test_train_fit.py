@@ -22,8 +22,9 @@ from train.fit import result_from_logs
 from train.model import MODEL_FILES
 
 CI = "train/configs/ci.yaml"
-# Small and quick, still long enough to have several checkpoints.
-QUICK = ("--set", "steps=300", "--set", "data.train_size=2000")
+# The CI size (600 steps, a checkpoint every 100) on a smaller corpus: quicker to generate.
+QUICK = ("--set", "data.train_size=2000")
+STEPS = 600
 
 
 def fit_args(name: str, storage: Path, *extra: str) -> list[str]:
@@ -78,16 +79,30 @@ def submit_no_wait(env: dict, sid: str, args: list[str]) -> None:
 
 
 def wait_for_checkpoint(cluster, sid: str, run_dir: Path, step: int, timeout: float) -> Path:
-    """The checkpoint of ``step`` once it is complete (its train_state.json written)."""
+    """The checkpoint of ``step`` once it is complete (its train_state.json written) and Ray
+    Train has recorded it in the run's checkpoint manager snapshot, which is what a
+    re-submission under the same name restores from: stopping the job between the two would
+    leave a folder that no later run knows of."""
     ckpt = run_dir / f"checkpoint_{step:06d}"
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if (ckpt / "train_state.json").is_file():
+        if (ckpt / "train_state.json").is_file() and ckpt.name in recorded_checkpoints(snapshot):
             return ckpt
         if job_status(cluster, sid) in ("SUCCEEDED", "FAILED", "STOPPED"):
             break
         time.sleep(0.5)
     raise AssertionError(f"no {ckpt.name} within {timeout:.0f}s:\n{tail(job_logs(cluster, sid))}")
+
+
+def recorded_checkpoints(snapshot: Path) -> set[str]:
+    """Checkpoint folder names in a Ray Train checkpoint manager snapshot (empty while the
+    file is missing or half written)."""
+    try:
+        state = json.loads(snapshot.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return set()
+    return {r["checkpoint_dir_name"] for r in state.get("checkpoint_results", [])}
 
 
 def read_wandb_history(path: Path) -> list[dict[str, str]]:
@@ -135,20 +150,20 @@ def test_submitted_run_is_tracked_registered_and_promotable(local_cluster, clust
         name, tmp_path, "--set", f"mlflow.registered_model={model_name}",
         "--set", "wandb.project=rayplane-it", "--set", f"wandb.dir={wandb_dir}"), timeout=900)
     assert proc.returncode == 0, tail(proc.stdout + proc.stderr)
-    assert "[rank 0] step 300/300" in proc.stdout  # progress reaches the submitter
+    assert f"[rank 0] step {STEPS}/{STEPS}" in proc.stdout  # progress reaches the submitter
     outcome = result_from_logs(proc.stdout)
-    assert outcome and outcome["steps"] == 300 and outcome["passed"]
+    assert outcome and outcome["steps"] == STEPS and outcome["passed"]
 
     client = mlflow_client(local_cluster)
     run = client.get_run(outcome["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.params["model.n_layer"] == "2" and run.data.params["steps"] == "300"
+    assert run.data.params["model.n_layer"] == "2" and run.data.params["steps"] == str(STEPS)
     assert run.data.tags["pool"] == "a100-timeslice" and run.data.tags["local"] == "True"
     losses = client.get_metric_history(run.info.run_id, "train_loss")
-    assert [m.step for m in losses] == list(range(50, 301, 50))
+    assert [m.step for m in losses] == list(range(50, STEPS + 1, 50))
     assert losses[-1].value < losses[0].value, "the model did not learn"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [
-        100, 200, 300]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == list(
+        range(100, STEPS + 1, 100))
     assert run.data.metrics["eval_exact_match"] == pytest.approx(outcome["eval"][
         "eval_exact_match"])
     artifacts = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "model")}
@@ -186,7 +201,7 @@ def test_submitted_run_is_tracked_registered_and_promotable(local_cluster, clust
     runs = list(wandb_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(runs) == 1, runs
     rows = [r for r in read_wandb_history(runs[0]) if "train_loss" in r]
-    assert [int(r["_step"]) for r in rows] == list(range(50, 301, 50))
+    assert [int(r["_step"]) for r in rows] == list(range(50, STEPS + 1, 50))
 
 
 def test_more_workers_than_the_local_cluster_holds_fails_before_any_worker(
@@ -219,14 +234,21 @@ def test_mlflow_down_fails_before_any_worker(cluster_env, tmp_path):
 
 
 def train_worker_pids(cluster, sid: str) -> list[int]:
-    from ray.util.state import list_actors, list_jobs
+    """PIDs of the live Ray Train workers of job ``sid``, from the dashboard's state API
+    (the REST call behind `ray list actors`), with the cluster token like any client."""
+    from urllib.parse import urlencode
 
-    jobs = list_jobs(address=cluster.dashboard_url, filters=[("submission_id", "=", sid)])
-    assert jobs, f"job {sid} not found"
-    actors = list_actors(address=cluster.dashboard_url,
-                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"),
-                                  ("job_id", "=", jobs[0].job_id)], detail=True)
-    return [a.pid for a in actors]
+    job_id = job_request(cluster, "GET", f"/api/jobs/{sid}")["job_id"]
+    assert job_id, f"job {sid} has no driver yet"
+    filters = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"),
+               ("job_id", "=", job_id)]
+    query = urlencode({"detail": "true", "limit": 100,
+                       "filter_keys": [k for k, _, _ in filters],
+                       "filter_predicates": [p for _, p, _ in filters],
+                       "filter_values": [v for _, _, v in filters]}, doseq=True)
+    reply = job_request(cluster, "GET", f"/api/v0/actors?{query}")
+    assert reply["result"], reply.get("msg")
+    return [a["pid"] for a in reply["data"]["result"]["result"]]
 
 
 def os_pid_alive(pid: int) -> bool:
