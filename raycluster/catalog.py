@@ -15,7 +15,14 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from raycluster.hardware import GPUModel, InstanceType, MigProfile, gpu_model, hardware, mig_layout_name
+from raycluster.hardware import (
+    GPUModel,
+    InstanceType,
+    MigProfile,
+    gpu_model,
+    hardware,
+    mig_layout_name,
+)
 from raycluster.spec import Spec, SpecError, did_you_mean
 
 DEFAULT_CATALOG = Path(__file__).parent / "data" / "pools.yaml"

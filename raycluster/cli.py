@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -27,7 +27,7 @@ app.add_typer(pools_app, name="pools")
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True)
 
-CatalogOpt = Annotated[Optional[Path], typer.Option("--catalog", "-c",
+CatalogOpt = Annotated[Path | None, typer.Option("--catalog", "-c",
                                                     help="Pools file (default: the platform's).",
                                                     envvar="RAYPLANE_CATALOG")]
 

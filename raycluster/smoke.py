@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import sys
+from pathlib import Path
 
 import ray
 
@@ -43,7 +44,7 @@ def _supervisor_node() -> str | None:
     for _ in range(4):
         ancestors.append(pid)
         try:
-            pid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             break
     for worker in list_workers(filters=[("worker_type", "=", "WORKER")], limit=10_000):

@@ -87,8 +87,7 @@ def format_validation_error(model: type[BaseModel], err: ValidationError, source
     msg = e["msg"]
     # pydantic prefixes messages raised in validators with "Value error, "
     for p in ("Value error, ", "Assertion failed, "):
-        if msg.startswith(p):
-            msg = msg[len(p):]
+        msg = msg.removeprefix(p)
     # Validators of a nested model name the sub-field themselves ("sharing.replicas: ..."):
     # fold it into the path so the line reads pools[1].sharing.replicas: ...
     sub = re.match(r"^([A-Za-z_][\w.\[\]-]*): (.*)$", msg)
