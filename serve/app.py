@@ -1,11 +1,17 @@
 """The OpenAI-compatible Ray Serve application (CPU engine).
 
-Two kinds of deployment, as in ``ray.serve.llm``: one FastAPI ingress (``OpenAIIngress``:
-authentication, request validation, routing by ``model``, OpenAI error bodies) and one
-deployment per model (``model-<name>``: the engine and the serving logic, on the model's
-pool, autoscaled on its own). ``build_app(args)`` is the ``import_path`` target of the Serve
-config that ``ServeAppConfig.to_serve_config`` renders; replica counts and resources come from
-that config's ``deployments`` section, not from here.
+``ingress.mode: router`` (the default): two kinds of deployment, as in ``ray.serve.llm``: one
+FastAPI ingress (``OpenAIIngress``: authentication, request validation, routing by ``model``,
+OpenAI error bodies) and one deployment per model (``model-<name>``: the engine and the
+serving logic, on the model's pool, autoscaled on its own).
+
+``ingress.mode: direct``: one deployment, ``model-<name>``, whose replicas are the same
+``OpenAIIngress`` with the model's ``ModelServer`` inside the replica instead of behind a
+handle, so a request crosses the proxy -> replica hop only.
+
+``build_app(args)`` is the ``import_path`` target of the Serve config that
+``ServeAppConfig.to_serve_config`` renders; replica counts and resources come from that
+config's ``deployments`` section, not from here.
 """
 
 from __future__ import annotations
@@ -123,6 +129,49 @@ class ModelServer:
             shutil.rmtree(Path(self.path), ignore_errors=True)
 
 
+class InReplicaModel:
+    """A ``ModelServer`` living in this replica, called through the part of the
+    ``DeploymentHandle`` interface the ingress uses (``options(...).remote(...)``), so both
+    ingress modes share one request path."""
+
+    def __init__(self, server: Any):
+        self.server = server
+
+    def options(self, *, method_name: str, stream: bool = False) -> _InReplicaMethod:
+        return _InReplicaMethod(getattr(self.server, method_name), stream)
+
+
+class _InReplicaMethod:
+    def __init__(self, method, stream: bool):
+        self.method, self.stream = method, stream
+
+    def remote(self, *args):
+        if self.stream:
+            return _InReplicaStream(self.method(*args))
+        return self._call(*args)
+
+    async def _call(self, *args):
+        result = self.method(*args)
+        return await result if asyncio.iscoroutine(result) else result
+
+
+class _InReplicaStream:
+    """An async generator with a ``DeploymentResponseGenerator``'s ``cancel()``."""
+
+    def __init__(self, agen):
+        self.agen = agen
+
+    def __aiter__(self):
+        return self
+
+    def __anext__(self):
+        return self.agen.__anext__()
+
+    def cancel(self) -> None:
+        # Closing the generator runs the engine's cleanup (the sequence leaves the batch).
+        asyncio.get_running_loop().create_task(self.agen.aclose())
+
+
 # -- API keys --------------------------------------------------------------------------------
 
 
@@ -188,10 +237,16 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 @serve.deployment(name=INGRESS_DEPLOYMENT)
 @serve.ingress(api)
 class OpenAIIngress:
-    def __init__(self, models: dict[str, Any], api_keys: dict | None = None):
+    def __init__(self, models: dict[str, Any] | None, api_keys: dict | None = None,
+                 in_replica: dict | None = None, mlflow_tracking_uri: str | None = None):
         from serve.metrics import IngressMetrics
 
-        self.models = models  # name -> DeploymentHandle of its ModelServer
+        self.local_server = None
+        if in_replica is not None:  # ingress.mode direct: the model runs in this replica
+            self.local_server = ModelServer.func_or_class(in_replica, mlflow_tracking_uri)
+            models = {in_replica["name"]: InReplicaModel(self.local_server)}
+        # name -> DeploymentHandle of its ModelServer (or the in-replica model)
+        self.models: dict[str, Any] = models or {}
         self.keys = ApiKeyStore(**api_keys) if api_keys else None
         self.metrics = IngressMetrics()
         self._stream = {(name, method): h.options(stream=True, method_name=method)
@@ -202,6 +257,10 @@ class OpenAIIngress:
         self._unary = {(name, method): h.options(method_name=method)
                        for name, h in models.items()
                        for method in ("chat", "completion", "card", "stats")}
+
+    def check_health(self) -> None:
+        if self.local_server is not None:
+            self.local_server.check_health()
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -381,9 +440,14 @@ class OpenAIIngress:
 def build_app(args: dict) -> serve.Application:
     """The application of a serve config's ``args`` (see ``ServeAppConfig.app_args``)."""
     tracking = args.get("mlflow_tracking_uri")
+    if args.get("ingress_mode") == "direct":
+        (model,) = args["models"]
+        return OpenAIIngress.options(name=model["deployment"]).bind(
+            None, args.get("api_keys"), in_replica=model, mlflow_tracking_uri=tracking)
     models = {m["name"]: ModelServer.options(name=m["deployment"]).bind(m, tracking)
               for m in args["models"]}
     return OpenAIIngress.bind(models, args.get("api_keys"))
 
 
-__all__ = ["ApiKeyStore", "EngineOverloaded", "ModelServer", "OpenAIIngress", "build_app"]
+__all__ = ["ApiKeyStore", "EngineOverloaded", "InReplicaModel", "ModelServer", "OpenAIIngress",
+           "build_app"]

@@ -33,6 +33,17 @@ class EngineKind(StrEnum):
     vllm = "vllm"
 
 
+class IngressMode(StrEnum):
+    #: One FastAPI ingress deployment routes by ``model`` to one deployment per model (as
+    #: ``ray.serve.llm`` does): several models, ingress scaled on its own, and a replica that
+    #: dies mid-stream is reported inside the stream as retryable.
+    router = "router"
+    #: The model's replicas answer HTTP themselves (proxy -> replica, one hop less): lower
+    #: latency and no ingress CPU, for a one-model CPU app. A replica that dies mid-stream
+    #: cuts its open streams (the proxy retries only requests that have not started).
+    direct = "direct"
+
+
 class SourceKind(StrEnum):
     registry = "registry"  # models:/NAME@alias or models:/NAME/VERSION
     run = "run"  # runs:/RUN_ID/path
@@ -200,6 +211,10 @@ class ApiKeys(Spec):
 
 
 class IngressSpec(Spec):
+    mode: IngressMode = Field(default=IngressMode.router, description=(
+        "router: an ingress deployment routes to one deployment per model; direct: the one "
+        "model's replicas answer HTTP themselves (one hop less). replicas, cpus, pool and "
+        "max_ongoing_requests apply to router."))
     replicas: int = Field(default=1, ge=1, description="Ingress (router) replicas.")
     cpus: float = Field(default=0.1, ge=0, description="CPU cores per ingress replica.")
     pool: str = Field(default="cpu", description="Pool of the ingress replicas.")
@@ -259,6 +274,13 @@ class ServeAppConfig(Spec):
             raise ValueError(f"models[{i}].engine: {self.models[i].engine.value!r} differs from "
                              f"models[0].engine {first.value!r}; one application serves one "
                              "engine kind, write a second serve config")
+        if self.ingress.mode is IngressMode.direct:
+            if len(self.models) != 1:
+                raise ValueError(f"ingress.mode: 'direct' serves one model and this config has "
+                                 f"{len(self.models)}; use 'router' to serve several")
+            if self.engine is not EngineKind.cpu:
+                raise ValueError("ingress.mode: 'direct' is for the cpu engine; vllm apps use "
+                                 "ray.serve.llm's router (use 'router')")
         if self.api_keys is None and not self.allow_unauthenticated:
             raise ValueError("api_keys: required (an env variable or a file holding the keys);"
                              " set allow_unauthenticated: true to serve without keys")
@@ -295,7 +317,7 @@ class ServeAppConfig(Spec):
 
     def app_args(self) -> dict[str, Any]:
         """What the application builder receives (``args`` of the Serve config)."""
-        return {
+        args: dict[str, Any] = {
             "models": [{"name": m.name, "source": m.source,
                         "max_num_seqs": m.max_num_seqs or 16,
                         "max_model_len": m.max_model_len,
@@ -305,9 +327,13 @@ class ServeAppConfig(Spec):
             "api_keys": self.api_keys.model_dump() if self.api_keys else None,
             "mlflow_tracking_uri": self.mlflow_tracking_uri,
         }
+        if self.ingress.mode is IngressMode.direct:
+            args["ingress_mode"] = IngressMode.direct.value
+        return args
 
     def _cpu_application(self, catalog: Catalog, ingress_pool: Pool) -> dict[str, Any]:
-        deployments = [{
+        direct = self.ingress.mode is IngressMode.direct
+        deployments = [] if direct else [{
             "name": INGRESS_DEPLOYMENT,
             "num_replicas": self.ingress.replicas,
             "max_ongoing_requests": self.ingress.max_ongoing_requests,
@@ -423,6 +449,7 @@ __all__ = [
     "Autoscaling",
     "EngineKind",
     "HttpSpec",
+    "IngressMode",
     "IngressSpec",
     "ModelSpec",
     "ServeAppConfig",

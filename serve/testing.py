@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ray import serve
+
 #: The special tokens of the chat format (docs/model-format.md).
 SPECIAL_TOKENS = ["<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|pad|>"]
 EOS = "<|end|>"
@@ -238,11 +240,12 @@ def cached_tiny_model(version: str = "1", cache_dir: str | Path | None = None) -
 
 def serve_config_yaml(*, name: str, source: str, pool: str, route_prefix: str,
                       api_key_file: str | Path, min_replicas: int = 1, max_replicas: int = 1,
-                      max_num_seqs: int = 16) -> str:
+                      max_num_seqs: int = 16, ingress_mode: str = "router") -> str:
     """A serve config for one model (tests and the benchmark write it to a file)."""
     import yaml
 
     return yaml.safe_dump({
+        "ingress": {"mode": ingress_mode},
         "name": name, "route_prefix": route_prefix,
         "models": [{"name": "tiny-chat", "source": source, "pool": pool, "engine": "cpu",
                     "max_num_seqs": max_num_seqs,
@@ -252,7 +255,20 @@ def serve_config_yaml(*, name: str, source: str, pool: str, route_prefix: str,
     }, sort_keys=False)
 
 
+@serve.deployment(name="Floor", ray_actor_options={"num_cpus": 0})
+class _Floor:
+    """Answers ``{}`` at once: what any Serve request costs before an app does work
+    (bench/serve_bench.py measures it beside the OpenAI app)."""
+
+    async def __call__(self, request) -> dict:
+        return {}
+
+
+floor_app = _Floor.bind()
+
+
 __all__ = [
+    "floor_app",
     "CALCULATOR",
     "CHAT_TEMPLATE",
     "COMPLETION_PROMPT",

@@ -70,6 +70,20 @@ def test_cpu_engine_on_a_gpu_pool_takes_a_pool_unit_and_no_ray_cpus(doc):
     assert "rp-" not in json.dumps(app)
 
 
+def test_direct_ingress_is_one_deployment_on_the_model_pool(doc):
+    doc["ingress"] = {"mode": "direct"}
+    app = app_of(doc)
+    (model,) = app["deployments"]  # no router deployment, no hop
+    assert model["name"] == "model-chat"
+    assert model["ray_actor_options"] == {"num_cpus": 0, "resources": {"pool:a100-mig": 1.0}}
+    assert model["autoscaling_config"]["max_replicas"] == 3
+    assert app["args"]["ingress_mode"] == "direct"
+    from serve.app import build_app
+
+    built = build_app(app["args"])  # the builder accepts what the config renders
+    assert built._bound_deployment.name == "model-chat"
+
+
 def test_cpu_engine_on_the_cpu_pool_takes_cores(doc):
     doc["models"][0].update(pool="cpu", cpus=2)
     model = next(d for d in app_of(doc)["deployments"] if d["name"] == "model-chat")
@@ -107,6 +121,13 @@ def test_vllm_app_uses_ray_serve_llm_with_pool_knowledge(doc):
     (lambda d: d["models"][0].update(engine_kwargs={"max_num_seqs": 4}),
      "set it as the model's own field"),
     (lambda d: d.update(ingress={"pool": "gpu"}), "ingress.pool: 'gpu' is not a pool"),
+    (lambda d: d.update(ingress={"mode": "inline"}),
+     "ingress.mode: 'inline': must be one of 'router' or 'direct'"),
+    (lambda d: (d.update(ingress={"mode": "direct"}),
+                d["models"].append({**d["models"][0], "name": "b"})),
+     "ingress.mode: 'direct' serves one model and this config has 2; use 'router'"),
+    (lambda d: (d.update(ingress={"mode": "direct"}), d["models"][0].update(engine="vllm")),
+     "ingress.mode: 'direct' is for the cpu engine"),
 ])
 def test_bad_configs_are_refused_naming_the_field(doc, change, expected):
     bad = copy.deepcopy(doc)
