@@ -5,7 +5,9 @@ ITL, TPOT and end-to-end latency (p50/p99) and failures -- and, in the same run,
 - ``in-process``: the CPU engine called in this process, one request at a time;
 - ``fastapi``: a plain FastAPI + ``transformers.generate`` server (a subprocess, streaming with
   ``TextIteratorStreamer``, one ``generate`` per request, no batching);
-- ``serve``: the rayplane app deployed on the local platform (``rayplane up`` first).
+- ``serve/router`` and ``serve/direct``: the rayplane app deployed on the local platform
+  (``rayplane up`` first) in each ingress mode (``--ingress``), beside ``serve.testing:
+  floor_app``, an empty deployment whose latency is Serve's own floor on this cluster.
 
 Every request asks for the same chat prompt and exactly ``--max-tokens`` tokens (``ignore_eos``,
 greedy), so the systems do the same work; output tokens are counted from ``usage``.
@@ -327,6 +329,38 @@ def model_folder(spec: str | None, work: Path) -> Path:
     return fetch_model(spec, cache_dir=work)
 
 
+def deploy_floor_app(state_dir: Path) -> str:
+    """Serve's own floor on this cluster: ``serve.testing:floor_app`` (a deployment that
+    answers ``{}`` at once) behind the same proxy. Its latency is what any Serve app pays
+    before doing work; the <= 5 ms goal is read against it."""
+    from serve.cli import Target, merge_applications, wait_running
+
+    target = Target(None, state_dir)
+    client = target.client()
+    details = client.get_serve_details()
+    app = {"name": "bench-floor", "route_prefix": "/bench-floor",
+           "import_path": "serve.testing:floor_app"}
+    config = {**{k: details[k] for k in ("proxy_location", "http_options") if details.get(k)},
+              "applications": [app]}
+    client.deploy_applications(merge_applications(details, config))
+    wait_running(client, "bench-floor", timeout=120)
+    return f"http://127.0.0.1:{target.serve_port(8000)}/bench-floor"
+
+
+def floor_ms_p50(url: str, requests: int = 40) -> float:
+    """p50 of a keep-alive GET of the floor app (httpx, as the openai client uses)."""
+    import httpx
+
+    with httpx.Client(timeout=30) as client:
+        client.get(url).raise_for_status()
+        times = []
+        for _ in range(requests):
+            start = time.perf_counter()
+            client.get(url).raise_for_status()
+            times.append((time.perf_counter() - start) * 1000)
+    return round(pct(times, 50), 2)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd")
@@ -345,6 +379,8 @@ def main() -> int:
     parser.add_argument("--state-dir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="Write the results here.")
     parser.add_argument("--skip-serve", action="store_true", help="Baselines only.")
+    parser.add_argument("--ingress", type=lambda v: v.split(","), default=["router", "direct"],
+                        help="Serve ingress modes to measure, comma-separated.")
     parser.add_argument("--rounds", type=int, default=2, help="Rounds of all systems.")
     parser.add_argument("--niceness", type=int, default=15,
                         help="Run clients and baselines at Ray workers' niceness (15).")
@@ -365,7 +401,7 @@ def main() -> int:
 
     def report(s: Summary) -> None:
         results.append(s)
-        print(f"{s.system:>10} c={s.concurrency:<3} {'stream' if s.stream else 'unary':<6} "
+        print(f"{s.system:>12} c={s.concurrency:<3} {'stream' if s.stream else 'unary':<6} "
               f"{s.output_tokens_per_s:>8.1f} tok/s  {s.request_throughput:>6.2f} req/s  "
               f"TTFT p50 {s.ttft_ms_p50:>7.1f} ms  ITL p50 {s.itl_ms_p50:>6.2f} ms  "
               f"E2E p50 {s.e2e_ms_p50:>7.1f} p99 {s.e2e_ms_p99:>7.1f} ms  "
@@ -377,10 +413,13 @@ def main() -> int:
 
     engine = CPUEngine(folder, max_num_seqs=c, num_threads=1)  # as a Serve replica's
     proc, fastapi_url = start_fastapi(folder, work / "fastapi.log")
-    serve_url = key = state_dir = None
+    apps: dict[str, str] = {}  # ingress mode -> OpenAI base URL
+    key = state_dir = floor_url = None
     try:
         if not args.skip_serve:
-            state_dir, serve_url, key = deploy_bench_app(args, folder, work)
+            for mode in args.ingress:
+                state_dir, apps[mode], key = deploy_bench_app(args, folder, work, mode)
+            floor_url = deploy_floor_app(state_dir)
         rounds = []
         for r in range(args.rounds):
             print(f"-- round {r + 1}/{args.rounds} (load average {os.getloadavg()[0]:.1f})")
@@ -396,34 +435,50 @@ def main() -> int:
                     "fastapi", fastapi_url, "none", "m", concurrency=conc, num_requests=reqs,
                     max_tokens=n))
                 report(row[f"fastapi_{conc}"])
-            if serve_url:
-                row["serve_unary_1"] = asyncio.run(run_http(
-                    "serve", serve_url, key, "tiny-chat", concurrency=1, num_requests=single,
+            if apps:
+                # Transport alone: one output token, so the decode loop is out of the sum.
+                row["in_process_1tok"] = asyncio.run(run_in_process(
+                    engine, num_requests=2 * single, max_tokens=1))
+                row["serve_floor_ms_p50"] = floor_ms_p50(floor_url)
+                print(f"1-token in-process {row['in_process_1tok'].e2e_ms_p50:.2f} ms; Serve "
+                      f"floor (an empty deployment) {row['serve_floor_ms_p50']:.2f} ms p50",
+                      flush=True)
+            for mode, url in apps.items():
+                system = f"serve/{mode}"
+                unary = row[f"{system}_unary_1"] = asyncio.run(run_http(
+                    system, url, key, "tiny-chat", concurrency=1, num_requests=single,
                     max_tokens=n, stream=False))
-                report(row["serve_unary_1"])
+                report(unary)
                 for conc, reqs in ((1, single), (c, args.requests)):
-                    row[f"serve_{conc}"] = asyncio.run(run_http(
-                        "serve", serve_url, key, "tiny-chat", concurrency=conc,
-                        num_requests=reqs, max_tokens=n))
-                    report(row[f"serve_{conc}"])
-                row["ratios"] = {
+                    row[f"{system}_{conc}"] = asyncio.run(run_http(
+                        system, url, key, "tiny-chat", concurrency=conc, num_requests=reqs,
+                        max_tokens=n))
+                    report(row[f"{system}_{conc}"])
+                one_token = row[f"{system}_unary_1tok"] = asyncio.run(run_http(
+                    system, url, key, "tiny-chat", concurrency=1, num_requests=2 * single,
+                    max_tokens=1, stream=False))
+                report(one_token)
+                row[f"ratios_{mode}"] = {
                     "serve_tokens_per_s_vs_in_process_1": round(
-                        row[f"serve_{c}"].output_tokens_per_s
+                        row[f"{system}_{c}"].output_tokens_per_s
                         / row["in_process"].output_tokens_per_s, 2),
                     "serve_tokens_per_s_vs_fastapi": round(
-                        row[f"serve_{c}"].output_tokens_per_s
+                        row[f"{system}_{c}"].output_tokens_per_s
                         / row[f"fastapi_{c}"].output_tokens_per_s, 2),
                     "http_added_ms_p50_unary": round(
-                        row["serve_unary_1"].e2e_ms_p50 - row["in_process"].e2e_ms_p50, 2),
+                        unary.e2e_ms_p50 - row["in_process"].e2e_ms_p50, 2),
                     "http_added_ms_p50_stream": round(
-                        row["serve_1"].e2e_ms_p50 - row["in_process"].e2e_ms_p50, 2),
+                        row[f"{system}_1"].e2e_ms_p50 - row["in_process"].e2e_ms_p50, 2),
+                    "http_added_ms_p50_1_token": round(
+                        one_token.e2e_ms_p50 - row["in_process_1tok"].e2e_ms_p50, 2),
+                    "serve_floor_ms_p50": row["serve_floor_ms_p50"],
                 }
-                print(json.dumps(row["ratios"]), flush=True)
+                print(mode, json.dumps(row[f"ratios_{mode}"]), flush=True)
             rounds.append(row)
     finally:
         stop(proc)
         if state_dir is not None:
-            remove_bench_app(state_dir)
+            remove_bench_apps(state_dir)
     machine = {"host": platform.node(), "cpus": os.cpu_count(), "niceness": os.nice(0),
                "python": platform.python_version(), "load_avg_end": os.getloadavg()}
     if args.json:
@@ -435,7 +490,7 @@ def main() -> int:
     return 0 if all(r.failures == 0 for r in results) else 1
 
 
-def deploy_bench_app(args, folder: Path, work: Path):
+def deploy_bench_app(args, folder: Path, work: Path, mode: str):
     from raycluster.local import LocalCluster, LocalState, default_state_dir
     from serve.cli import deploy
     from serve.testing import serve_config_yaml
@@ -445,22 +500,23 @@ def deploy_bench_app(args, folder: Path, work: Path):
     if st is None:
         raise SystemExit("the local platform is not up: run `rayplane up` (or --skip-serve)")
     cluster = LocalCluster(state_dir, ports=st.ports)
-    cfg = work / "serve.yaml"
-    cfg.write_text(serve_config_yaml(name="bench", source=str(folder), pool=args.pool,
-                                     route_prefix="/bench", api_key_file=cluster.api_key_path,
-                                     max_num_seqs=args.concurrency))
+    cfg = work / f"serve-{mode}.yaml"
+    cfg.write_text(serve_config_yaml(name=f"bench-{mode}", source=str(folder), pool=args.pool,
+                                     route_prefix=f"/bench-{mode}",
+                                     api_key_file=cluster.api_key_path,
+                                     max_num_seqs=args.concurrency, ingress_mode=mode))
     _, base_url = deploy(cfg, state_dir=state_dir, timeout=600)
     return state_dir, base_url, cluster.api_key_path.read_text().strip()
 
 
-def remove_bench_app(state_dir: Path) -> None:
-    """Remove the "bench" app, keeping the cluster's other applications."""
+def remove_bench_apps(state_dir: Path) -> None:
+    """Remove the bench's apps, keeping the cluster's other applications."""
     from serve.cli import Target
 
     client = Target(None, state_dir).client()
     details = client.get_serve_details()
     others = [d["deployed_app_config"] for name, d in (details.get("applications") or {}).items()
-              if name != "bench" and d.get("deployed_app_config")]
+              if not name.startswith("bench-") and d.get("deployed_app_config")]
     if others:
         client.deploy_applications({**{k: details[k] for k in ("proxy_location", "http_options")
                                        if details.get(k)}, "applications": others})
