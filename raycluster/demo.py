@@ -120,16 +120,17 @@ def train_and_register(cluster: LocalCluster, config_path: Path) -> str:
     if code != 0:
         raise UserError(f"training job failed (exit {code}); see `ray job logs` on "
                         f"{cluster.dashboard_url}")
+    model_name = cfg.mlflow.registered_model
     c = tracking.client(cluster.mlflow_uri)
     try:
-        mv = c.get_model_version_by_alias(cfg.registered_model, tracking.CANDIDATE)
+        mv = c.get_model_version_by_alias(model_name, tracking.CANDIDATE)
     except Exception as err:  # noqa: BLE001 - MLflow raises its own RestException
-        raise UserError(f"training finished but no version of {cfg.registered_model} has the "
-                        f"alias {tracking.CANDIDATE!r} (did it pass the evaluation gate?): "
+        raise UserError(f"training finished but no version of {model_name} has the alias "
+                        f"{tracking.CANDIDATE!r} (did it pass the evaluation gate?): "
                         f"{err}") from None
-    console.print(f"  registered {cfg.registered_model} version {mv.version} "
+    console.print(f"  registered {model_name} version {mv.version} "
                   f"(alias {tracking.CANDIDATE}) in {cluster.mlflow_uri}")
-    tracking.promote(cluster.mlflow_uri, cfg.registered_model, str(mv.version))
+    tracking.promote(cluster.mlflow_uri, model_name, str(mv.version))
     console.print(f"  promoted version {mv.version} to {tracking.CHAMPION}")
     return str(mv.version)
 

@@ -378,7 +378,10 @@ class LocalCluster:
             if self.metrics:
                 extra_env["RAY_PROMETHEUS_HOST"] = self.prometheus_url
         else:
-            argv += [f"--address={self.address}"]
+            # The nodes share the head's session folder, and a node's log monitor forwards
+            # every worker log in it: with one monitor per node each line of a job's workers
+            # reached `ray job submit` once per node. The head's monitor forwards them all.
+            argv += [f"--address={self.address}", "--include-log-monitor=False"]
         return self._spawn(f"ray-{node.role}-{node.pool}", argv, extra_env)
 
     def _start_prometheus(self, temp_dir: Path) -> ManagedProcess:

@@ -1,0 +1,53 @@
+"""`rayplane demo` (what `make demo` runs) on the local platform, with the CI-size training
+config so it fits the suite: a smoke job on every pool, the model trained through `ray job
+submit`, evaluated, registered (candidate) and promoted (champion), served from the registry
+and asked one question, with the endpoint's URL printed."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+
+from raycluster.catalog import load_catalog
+from tests.integration.conftest import REPO
+
+pytestmark = pytest.mark.timeout(1500)
+MODEL = "rayplane-tool-llm"  # train/configs/ci.yaml's registered model, served by local.yaml
+
+
+def test_demo_trains_registers_promotes_serves_and_chats(local_cluster, cluster_env):
+    rayplane = str(Path(sys.executable).parent / "rayplane")
+    env = {**cluster_env, "COLUMNS": "200"}  # rich wraps at 80 columns without a terminal
+    try:
+        proc = subprocess.run([rayplane, "demo", "--state-dir", str(local_cluster.state_dir),
+                               "--train", "train/configs/ci.yaml"], env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=1200, check=False)
+        out = proc.stdout
+        assert proc.returncode == 0, out[-4000:] + proc.stderr[-2000:]
+        for pool in load_catalog().pools:
+            assert f"ok: ran on the {pool.name} node" in out
+        assert "[rank 0] step 600/600" in out  # training progress is shown
+        assert re.search(r"held-out exact match [\d.]+% of 100 conversations", out)
+        version = re.search(rf"registered {MODEL} version (\d+) \(alias candidate\)", out)[1]
+        assert f"promoted version {version} to champion" in out
+
+        base_url = f"{local_cluster.serve_url}/v1"
+        assert f"{MODEL} (version {version}) at {base_url}" in out
+        assert re.search(r"assistant \((stop|length|tool_calls)\): \S", out)
+
+        from mlflow import MlflowClient
+
+        registry = MlflowClient(local_cluster.mlflow_uri, registry_uri=local_cluster.mlflow_uri)
+        assert registry.get_model_version_by_alias(MODEL, "champion").version == version
+        client = OpenAI(base_url=base_url, api_key=local_cluster.api_key_path.read_text().strip())
+        (served,) = client.models.list().data
+        assert served.id == MODEL and served.model_extra["root"] == f"models:/{MODEL}/{version}"
+    finally:
+        subprocess.run([rayplane, "serve", "down", "openai", "--state-dir",
+                        str(local_cluster.state_dir)], env=env, capture_output=True,
+                       timeout=120, check=False)
