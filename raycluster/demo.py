@@ -142,14 +142,17 @@ def serve_and_chat(cluster: LocalCluster, version: str, config_path: Path) -> No
     with console.status("waiting for the Serve application") as spinner:
         _, base_url = deploy(config_path, state_dir=cluster.state_dir,
                                   progress=lambda msg: spinner.update(str(msg)))
+    from train.tools import TOOLS
+
     question = "What is 12 times 7?"
+    # The tools the model was trained with: declared, its tool call comes back as tool_calls.
     model, resp, _ = chat_once(question, base_url=base_url,
                                api_key=cluster.api_key_path.read_text().strip(),
-                               state_dir=cluster.state_dir)
+                               state_dir=cluster.state_dir, tools=TOOLS)
     choice = resp.choices[0]
-    answer = choice.message.content or json.dumps(
-        [{"name": t.function.name, "arguments": t.function.arguments}
-         for t in choice.message.tool_calls or []])
+    answer = choice.message.content or "; ".join(
+        f"tool call {t.function.name}({t.function.arguments})"
+        for t in choice.message.tool_calls or [])
     console.print(f"  {model} (version {version}) at {base_url}")
     console.print(f"  user: {question}")
     console.print(f"  assistant ({choice.finish_reason}): {answer}", markup=False)
