@@ -54,7 +54,7 @@ def test_killed_worker_resumes_from_its_last_checkpoint(local_cluster, cluster_e
                                                         tmp_path):
     name = f"it-kill-{uuid.uuid4().hex[:8]}"
     sid = f"{name}-job"
-    # 600 steps: the run is still going when its first checkpoint (step 100) lands.
+    # The CI size's steps: the run is still going when its first checkpoint (100) lands.
     submit_no_wait(cluster_env, sid, fit_args(name, tmp_path,
                                               "--set", "mlflow.register_on_pass=false"))
     wait_for_checkpoint(local_cluster, sid, tmp_path / name, 100, timeout=600)

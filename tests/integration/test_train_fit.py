@@ -18,13 +18,14 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import REPO, ray_job_submit
+from train.config import TrainConfig
 from train.fit import result_from_logs
 from train.model import MODEL_FILES
 
 CI = "train/configs/ci.yaml"
-# The CI size (600 steps, a checkpoint every 100) on a smaller corpus: quicker to generate.
+# The CI size (its steps, a checkpoint every 100) on a smaller corpus: quicker to generate.
 QUICK = ("--set", "data.train_size=2000")
-STEPS = 600
+STEPS = TrainConfig.from_file(REPO / CI).steps
 
 
 def fit_args(name: str, storage: Path, *extra: str) -> list[str]:
