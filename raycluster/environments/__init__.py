@@ -168,6 +168,18 @@ class RayServiceSpec(Spec):
     upgrade_strategy: str = Field(default="NewCluster",
                                   description="KubeRay upgrade strategy: NewCluster (blue-green, "
                                               "zero downtime) or None.")
+    serve_proxy: str = Field(default="haproxy",
+                             description="Serve's HTTP ingress on every pod: haproxy (Ray Serve's "
+                                         "RAY_SERVE_ENABLE_HA_PROXY, straight to the ingress "
+                                         "replicas) or ray (Ray's Python proxy actor).")
+
+    @field_validator("serve_proxy")
+    @classmethod
+    def _proxy(cls, v: str) -> str:
+        valid = ("haproxy", "ray")
+        if v not in valid:
+            raise ValueError(f"must be one of {', '.join(valid)}{did_you_mean(v, valid)}")
+        return v
 
     @field_validator("upgrade_strategy")
     @classmethod

@@ -328,3 +328,50 @@ def test_metrics_reach_prometheus(local_cluster, client):
                              .removesuffix("_count").removesuffix("_sum"))
         time.sleep(2)
     assert wanted <= seen, f"missing {wanted - seen}"
+
+
+def _listening(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of the TCP sockets ``pid`` listens on, from /proc."""
+    import ipaddress
+    import os
+
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    out = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and f[9] in inodes:  # 0A: LISTEN
+                addr, port = f[1].split(":")
+                raw = bytes.fromhex(addr)
+                # /proc prints each 32-bit word of the address in host (little-endian) order
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                out.add((str(ipaddress.ip_address(raw)), int(port, 16)))
+    return out
+
+
+def test_ingress_is_haproxy_listening_on_loopback_only(local_cluster, client):
+    """The local platform's Serve ingress is HAProxy (Ray Serve's own mode), and everything
+    it listens on -- the endpoint, its stats page, its Prometheus exporter -- is loopback."""
+    assert client.models.list().data
+    procs = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if cmdline[0].endswith(b"/haproxy") and any(
+                    str(local_cluster.haproxy_dir).encode() in arg for arg in cmdline):
+                procs.append(int(entry.name))
+    assert procs, f"no HAProxy running with its files in {local_cluster.haproxy_dir}"
+    sockets = set().union(*(_listening(pid) for pid in procs))
+    assert ("127.0.0.1", local_cluster.ports["serve"]) in sockets, sockets
+    assert len(sockets) >= 3, f"endpoint, stats and metrics expected: {sockets}"
+    assert {addr for addr, _ in sockets} == {"127.0.0.1"}, sockets

@@ -224,6 +224,23 @@ def test_the_rayservice_carries_the_serve_config_unchanged(catalog, env, serve_c
     assert serve_cfg.api_keys.env in env_names
 
 
+def test_the_rayservice_ingress_is_haproxy_unless_asked_for_rays_proxy(catalog, env, serve_cfg):
+    serve_config = serve_cfg.to_serve_config(catalog)
+
+    def flags(svc):
+        cluster_spec = render_rayservice(catalog, env, svc, serve_cfg,
+                                         serve_config)["spec"]["rayClusterConfig"]
+        templates = [cluster_spec["headGroupSpec"]["template"],
+                     *(g["template"] for g in cluster_spec["workerGroupSpecs"])]
+        return [{e["name"]: e.get("value") for e in t["spec"]["containers"][0]["env"]}
+                .get("RAY_SERVE_ENABLE_HA_PROXY") for t in templates]
+
+    assert set(flags(RayServiceSpec.parse({"config": "x.yaml"}))) == {"1"}
+    assert set(flags(RayServiceSpec.parse({"config": "x.yaml", "serve_proxy": "ray"}))) == {None}
+    with pytest.raises(SpecError, match=r"serve_proxy: .nginx.: must be one of haproxy, ray"):
+        RayServiceSpec.parse({"config": "x.yaml", "serve_proxy": "nginx"})
+
+
 def test_serve_groups_cover_the_autoscaling_maximum(catalog, serve_cfg):
     groups = {g.name: g for g in serve_groups(catalog, serve_cfg, field="services[0]")}
     model = serve_cfg.models[0]
