@@ -6,8 +6,11 @@ ITL, TPOT and end-to-end latency (p50/p99) and failures -- and, in the same run,
 - ``fastapi``: a plain FastAPI + ``transformers.generate`` server (a subprocess, streaming with
   ``TextIteratorStreamer``, one ``generate`` per request, no batching);
 - ``serve/router`` and ``serve/direct``: the rayplane app deployed on the local platform
-  (``rayplane up`` first) in each ingress mode (``--ingress``), beside ``serve.testing:
-  floor_app``, an empty deployment whose latency is Serve's own floor on this cluster.
+  (``rayplane up`` first; its Serve ingress, HAProxy or Ray's proxy, is printed) in each
+  ingress mode (``--ingress``), beside ``serve.testing:floor_app``, an empty deployment whose
+  latency is Serve's own floor on this cluster;
+- the batching ceiling: the engine's decode step run directly on 1 and on 16 sequences, the
+  most any server of this engine can gain from batching on this machine.
 
 Every request asks for the same chat prompt and exactly ``--max-tokens`` tokens (``ignore_eos``,
 greedy), so the systems do the same work; output tokens are counted from ``usage``.
@@ -191,6 +194,34 @@ async def run_in_process(engine, *, num_requests: int, max_tokens: int,
     start = time.perf_counter()
     results = await asyncio.gather(*[limited() for _ in range(num_requests)])
     return summarize("in-process", concurrency, True, results, time.perf_counter() - start)
+
+
+def batching_ceiling(engine, *, max_tokens: int, batch: int, rounds: int = 3) -> dict:
+    """What the model's forward pass alone allows: the engine's decode step run directly (no
+    event loop, no queues, no HTTP) on 1 and on ``batch`` sequences. ``batch`` x (step time
+    at 1) / (step time at ``batch``) bounds the tokens/s gain any server of this engine can
+    get from batching on this machine; best of ``rounds``."""
+    from serve.engines.base import SamplingParams
+    from serve.engines.cpu import _Seq
+
+    ids = list(engine.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True,
+                                                    tokenize=True, return_dict=False))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+
+    def step_ms(b: int) -> float:
+        seqs = [_Seq(request_id=str(i), prompt_ids=ids, params=params, max_tokens=max_tokens,
+                     queue=None, generator=None) for i in range(b)]
+        engine._step(seqs)  # prefill
+        steps, start = 0, time.perf_counter()
+        while engine._rows:
+            engine._step([])
+            steps += 1
+        return (time.perf_counter() - start) * 1000 / steps
+
+    one = min(step_ms(1) for _ in range(rounds))
+    many = min(step_ms(batch) for _ in range(rounds))
+    return {"step_ms_1": round(one, 3), f"step_ms_{batch}": round(many, 3),
+            "gain": round(batch * one / many, 2)}
 
 
 # -- the plain FastAPI + transformers.generate baseline ------------------------------------
@@ -414,12 +445,16 @@ def main() -> int:
     engine = CPUEngine(folder, max_num_seqs=c, num_threads=1)  # as a Serve replica's
     proc, fastapi_url = start_fastapi(folder, work / "fastapi.log")
     apps: dict[str, str] = {}  # ingress mode -> OpenAI base URL
-    key = state_dir = floor_url = None
+    key = state_dir = floor_url = serve_proxy = None
     try:
         if not args.skip_serve:
+            from raycluster.local import LocalState
+
             for mode in args.ingress:
                 state_dir, apps[mode], key = deploy_bench_app(args, folder, work, mode)
             floor_url = deploy_floor_app(state_dir)
+            serve_proxy = LocalState.load(state_dir).serve_proxy
+            print(f"Serve ingress: {serve_proxy} (rayplane up --serve-proxy)", flush=True)
         rounds = []
         for r in range(args.rounds):
             print(f"-- round {r + 1}/{args.rounds} (load average {os.getloadavg()[0]:.1f})")
@@ -430,6 +465,8 @@ def main() -> int:
             row["in_process_c"] = asyncio.run(run_in_process(
                 engine, num_requests=args.requests, max_tokens=n, concurrency=c))
             report(row["in_process_c"])
+            row["batching_ceiling"] = batching_ceiling(engine, max_tokens=n, batch=c)
+            print(f"engine step alone (no loop, no HTTP): {row['batching_ceiling']}", flush=True)
             for conc, reqs in ((1, single), (c, args.requests)):
                 row[f"fastapi_{conc}"] = asyncio.run(run_http(
                     "fastapi", fastapi_url, "none", "m", concurrency=conc, num_requests=reqs,
@@ -484,6 +521,7 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps({
             "machine": machine, "model": str(args.model or "demo-size tiny GPT-2"),
+            "serve_proxy": serve_proxy,
             "max_tokens": n, "concurrency": c,
             "rounds": [{k: (asdict(v) if isinstance(v, Summary) else v) for k, v in row.items()}
                        for row in rounds]}, indent=2))
