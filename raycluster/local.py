@@ -365,6 +365,10 @@ class LocalCluster:
         for proc in reversed(st.processes):
             if _stop_group(proc, timeout):
                 stopped.append(proc.name)
+        # Ray workers lead process groups of their own inside the session of the `ray start`
+        # that spawned them, and a child a worker started (HAProxy, after a reload) outlives
+        # its worker; every process left in one of the sessions rayplane started goes too.
+        _stop_sessions({proc.pid for proc in st.processes}, timeout=5.0)
         st.path.unlink(missing_ok=True)
         shutil.rmtree(st.temp_dir, ignore_errors=True)
         shutil.rmtree(self.haproxy_dir, ignore_errors=True)
@@ -686,6 +690,38 @@ def _stop_group(proc: ManagedProcess, timeout: float) -> bool:
     except ProcessLookupError:
         pass
     return True
+
+
+def _session_members(sids: set[int]) -> list[int]:
+    """Live (non-zombie) processes whose session id is one of ``sids``."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) in sids and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def _stop_sessions(sids: set[int], timeout: float) -> None:
+    """SIGTERM what is left in these sessions, SIGKILL it after ``timeout``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        left = _session_members(sids)
+        for pid in left:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + (timeout if sig == signal.SIGTERM else 0)
+        while left and time.monotonic() < deadline:
+            time.sleep(0.2)
+            left = _session_members(sids)
+        if not left:
+            return
 
 
 def _group_alive(pgid: int) -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from raycluster.local import DEFAULT_PORTS, LocalCluster, free_port
+from raycluster.local import DEFAULT_PORTS, LocalCluster, _session_members, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,10 +31,15 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory):
     except BaseException:
         cluster.down()
         raise
+    sessions = {proc.pid for proc in cluster.state().processes}
     try:
         yield cluster
     finally:
         cluster.down()
+    # `rayplane down` leaves nothing of what the platform started, HAProxy (a Ray worker's
+    # child, reloaded by the tests' deploys) included.
+    left = _session_members(sessions)
+    assert not left, f"processes left after rayplane down: {left}"
 
 
 @pytest.fixture(scope="session")
