@@ -170,11 +170,13 @@ class CPUEngine:
         """Yield deltas of one sequence until it finishes. Closing the generator early (the
         client went away, the task was cancelled) removes the sequence from the batch.
 
-        ``coalesce_s`` > 0: after the first delta, yield at most once per ``coalesce_s`` (all
-        tokens produced meanwhile in one delta; the last one is never held back); ``inf``:
-        the first delta, then everything at the end. A streamed token costs a JSON event and
-        messages between processes; batching them is what keeps a 16-stream server from
-        spending its CPU on messages (Ray Serve LLM batches every 50 ms by default)."""
+        ``coalesce_s`` > 0: after the first delta that carries text, yield at most once per
+        ``coalesce_s`` (all tokens produced meanwhile in one delta; the last one is never held
+        back); ``inf``: deltas up to the first text at once, then everything at the end. A
+        streamed token costs a JSON event and messages between processes; batching them is
+        what keeps a 16-stream server from spending its CPU on messages (Ray Serve LLM batches
+        every 50 ms by default). Tokens without text (a special token, a stop-string prefix
+        held back) do not start the batching: the client's first visible text is never late."""
         budget = max_tokens if max_tokens is not None else self.check(prompt_ids, params)
         self.ensure_capacity()
         gen = self._torch.Generator()
@@ -187,9 +189,9 @@ class CPUEngine:
         assert self._wake is not None
         self._wake.set()
         try:
-            first = True
+            shown = False  # has a delta with text gone out yet
             while True:
-                if not first and coalesce_s > 0 and not seq.ended.is_set():
+                if shown and coalesce_s > 0 and not seq.ended.is_set():
                     if coalesce_s == float("inf"):
                         await seq.ended.wait()
                     else:
@@ -197,7 +199,6 @@ class CPUEngine:
                             await asyncio.wait_for(seq.ended.wait(), coalesce_s)
                         except TimeoutError:
                             pass
-                first = False
                 delta = await seq.queue.get()
                 # A reader slower than the engine gets everything produced since its last
                 # read in one delta: streaming never falls behind generation.
@@ -207,6 +208,7 @@ class CPUEngine:
                 if isinstance(delta, EngineErrorDelta):
                     raise EngineError(f"generation failed: {delta.error}", status=500,
                                       type="internal_server_error", code="engine_error")
+                shown = shown or bool(delta.text)
                 yield delta
                 if delta.finish_reason is not None:
                     return

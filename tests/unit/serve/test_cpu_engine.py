@@ -169,3 +169,29 @@ def test_coalesced_stream_has_fewer_deltas_and_the_same_text(engine):
     assert per_token[2] == batched[2] == at_end[2] == per_token[1]  # one token per delta
     assert batched[1] < per_token[1] and at_end[1] == 2
     assert len(batched[3]) == len(at_end[3]) == 1  # the first token is never held back
+
+
+def test_coalescing_starts_after_the_first_visible_text(engine):
+    """A first token without text (here: held back as the start of a stop string) does not
+    make the client wait ``coalesce_s`` for the text that follows it."""
+    ids = chat_ids(engine, tm.GREETING)
+    first = tm.GREETING_REPLY[:1]
+    budget = engine.max_model_len - len(ids) - 1
+    held = SamplingParams(max_tokens=budget, temperature=0, ignore_eos=True,
+                          stop=[first + "\x00never"])
+
+    async def until_text() -> list:
+        deltas = []
+        gen = engine.generate(ids, held, coalesce_s=30.0)
+        async for d in gen:
+            deltas.append(d)
+            if d.text:
+                break
+        await gen.aclose()
+        return deltas
+
+    deltas = asyncio.run(until_text())
+    assert deltas[0].text == "" and deltas[-1].text.startswith(first), deltas
+    # The text came with the next token or so, not with the rest of the generation.
+    assert sum(len(d.token_ids) for d in deltas) < min(20, budget // 4), \
+        [len(d.token_ids) for d in deltas]
