@@ -18,8 +18,9 @@ an actor hop and a process's worth of CPU to every request. ``--serve-proxy ray`
 Python proxy.
 
 Every process is started in its own process session; its pid (= process group id) is recorded
-in ``.rayplane/state.json`` and ``rayplane down`` signals exactly those groups -- never
-processes found by name, so nothing else on the machine is touched.
+in ``.rayplane/state.json`` and ``rayplane down`` signals exactly those groups, then what is
+left in their sessions -- never processes found by name, so nothing else on the machine is
+touched.
 """
 
 from __future__ import annotations
@@ -140,7 +141,8 @@ class LocalState:
     mlflow_artifacts: str = ""
     metrics: bool = False
     workers_per_pool: int = 2
-    serve_proxy: str = "haproxy"
+    # A state file written before the choice existed is a platform on Ray's proxy.
+    serve_proxy: str = "ray"
 
     @property
     def path(self) -> Path:
@@ -185,6 +187,7 @@ class LocalCluster:
         # file; the dashboard's metrics views query it.
         self.metrics = metrics
         self.serve_proxy = serve_proxy
+        self._haproxy_ports: tuple[int, int] | None = None  # stats, exporter: one pair per up
 
     @classmethod
     def attach(cls, state_dir: Path | None = None) -> LocalCluster:
@@ -441,7 +444,7 @@ class LocalCluster:
         if not wrapper.exists():
             wrapper.write_text(HAPROXY_LOOPBACK_WRAPPER.format(binary=_haproxy_binary()))
             wrapper.chmod(0o755)
-        if not hasattr(self, "_haproxy_ports"):  # one pair for every node of this start
+        if self._haproxy_ports is None:  # one pair for every node of this start
             self._haproxy_ports = (free_port(), free_port())
         stats_port, metrics_port = self._haproxy_ports
         return {
