@@ -160,12 +160,17 @@ async def run_http(system: str, base_url: str, api_key: str, model: str, *, conc
     return summarize(system, concurrency, stream, results, duration)
 
 
+def prompt_ids(engine) -> list[int]:
+    """The bench's chat prompt as the engine sees it (the in-process runs start from ids)."""
+    return list(engine.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True,
+                                                     tokenize=True, return_dict=False))
+
+
 async def run_in_process(engine, *, num_requests: int, max_tokens: int,
                          concurrency: int = 1) -> Summary:
     from serve.engines.base import SamplingParams
 
-    ids = list(engine.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True,
-                                                    tokenize=True, return_dict=False))
+    ids = prompt_ids(engine)
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
 
     async def one() -> RequestResult:
@@ -204,8 +209,7 @@ def batching_ceiling(engine, *, max_tokens: int, batch: int, rounds: int = 3) ->
     from serve.engines.base import SamplingParams
     from serve.engines.cpu import _Seq
 
-    ids = list(engine.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True,
-                                                    tokenize=True, return_dict=False))
+    ids = prompt_ids(engine)
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
 
     def step_ms(b: int) -> float:

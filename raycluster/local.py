@@ -695,9 +695,8 @@ def _stop_group(proc: ManagedProcess, timeout: float) -> bool:
     return True
 
 
-def _session_members(sids: set[int]) -> list[int]:
-    """Live (non-zombie) processes whose session id is one of ``sids``."""
-    members = []
+def _live_processes():
+    """(pid, process group, session) of every live (non-zombie) process, from /proc."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -705,9 +704,13 @@ def _session_members(sids: set[int]) -> list[int]:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[3]) in sids and fields[0] != "Z":
-            members.append(int(entry.name))
-    return members
+        if fields[0] != "Z":
+            yield int(entry.name), int(fields[2]), int(fields[3])
+
+
+def _session_members(sids: set[int]) -> list[int]:
+    """Live processes whose session id is one of ``sids``."""
+    return [pid for pid, _, sid in _live_processes() if sid in sids]
 
 
 def _stop_sessions(sids: set[int], timeout: float) -> None:
@@ -733,17 +736,7 @@ def _group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     # Zombies still count for killpg(0); the group is alive if any member is not a zombie.
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+    return any(group == pgid for _, group, _ in _live_processes())
 
 
 # -- CLI ----------------------------------------------------------------------------------

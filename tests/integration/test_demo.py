@@ -15,9 +15,11 @@ from openai import OpenAI
 
 from raycluster.catalog import load_catalog
 from tests.integration.conftest import REPO
+from train.config import TrainConfig
 
 pytestmark = pytest.mark.timeout(1500)
-MODEL = "rayplane-tool-llm"  # train/configs/ci.yaml's registered model, served by local.yaml
+CI = TrainConfig.from_file(REPO / "train/configs/ci.yaml")
+MODEL = CI.mlflow.registered_model  # the model serve/configs/local.yaml serves
 
 
 def test_demo_trains_registers_promotes_serves_and_chats(local_cluster, cluster_env):
@@ -31,7 +33,7 @@ def test_demo_trains_registers_promotes_serves_and_chats(local_cluster, cluster_
         assert proc.returncode == 0, out[-4000:] + proc.stderr[-2000:]
         for pool in load_catalog().pools:
             assert f"ok: ran on the {pool.name} node" in out
-        assert "[rank 0] step 600/600" in out  # training progress is shown
+        assert f"[rank 0] step {CI.steps}/{CI.steps}" in out  # training progress is shown
         assert re.search(r"held-out exact match [\d.]+% of 100 conversations", out)
         version = re.search(rf"registered {MODEL} version (\d+) \(alias candidate\)", out)[1]
         assert f"promoted version {version} to champion" in out
