@@ -20,7 +20,7 @@ $(UV):
 	.tools/bin/pip install --quiet "uv==$(UV_VERSION)"
 
 $(VENV)/.synced: $(UV) pyproject.toml uv.lock
-	$(UV) sync --locked --extra cpu --extra dev --find-links "$(FIND_LINKS)"
+	$(UV) sync --locked --extra cpu --extra dev --find-links "$(FIND_LINKS)" --compile-bytecode
 	touch $@
 
 env: $(VENV)/.synced
