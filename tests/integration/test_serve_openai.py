@@ -278,21 +278,35 @@ def test_langchain_chat_openai(deployed):
 
 
 def test_client_disconnect_frees_the_engine_slot(deployed):
+    """A client that goes away mid-stream, on a busy replica: its sequence leaves the batch
+    (``aborted``) instead of generating to the end for nobody. The other clients keep the
+    engine's steps slow enough that the tiny model cannot finish first."""
+    from concurrent.futures import ThreadPoolExecutor
+
     def health():
         return httpx.get(deployed["health"], timeout=30).json()["models"][MODEL]
 
     before = health()["aborted"]
     headers = {"Authorization": f"Bearer {deployed['key']}"}
-    body = {"model": MODEL, "messages": tm.GREETING, "max_tokens": 200, "stream": True,
-            "ignore_eos": True, "temperature": 0}
-    with httpx.stream("POST", f"{deployed['base_url']}/chat/completions", json=body,
-                      headers=headers, timeout=30) as r:
-        assert r.status_code == 200
-        events = 0
-        for line in r.iter_lines():
-            events += line.startswith("data: ")
-            if events >= 3:
-                break  # leaving the block closes the connection mid-stream
+    body = {"model": MODEL, "messages": tm.GREETING, "stream": True, "ignore_eos": True,
+            "temperature": 0}  # no max_tokens: the rest of the context
+
+    def stay() -> int:
+        with httpx.stream("POST", f"{deployed['base_url']}/chat/completions", json=body,
+                          headers=headers, timeout=60) as r:
+            return sum(line.startswith("data: ") for line in r.iter_lines())
+
+    with ThreadPoolExecutor(8) as pool:
+        staying = [pool.submit(stay) for _ in range(8)]
+        with httpx.stream("POST", f"{deployed['base_url']}/chat/completions", json=body,
+                          headers=headers, timeout=30) as r:
+            assert r.status_code == 200
+            events = 0
+            for line in r.iter_lines():
+                events += line.startswith("data: ")
+                if events >= 3:
+                    break  # leaving the block closes the connection mid-stream
+        assert all(f.result() > 3 for f in staying)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         h = health()
