@@ -201,21 +201,24 @@ async def run_in_process(engine, *, num_requests: int, max_tokens: int,
     return summarize("in-process", concurrency, True, results, time.perf_counter() - start)
 
 
-def batching_ceiling(core, *, max_tokens: int, batch: int, rounds: int = 3) -> dict:
-    """What the model's forward pass alone allows: the engine core's step run directly (no
-    event loop, no messages, no HTTP) on 1 and on ``batch`` sequences. ``batch`` x (step time
+def batching_ceiling(engine, *, max_tokens: int, batch: int, rounds: int = 3) -> dict:
+    """What the model's forward pass alone allows: the engine's decode step run directly (no
+    event loop, no queues, no HTTP) on 1 and on ``batch`` sequences. ``batch`` x (step time
     at 1) / (step time at ``batch``) bounds the tokens/s gain any server of this engine can
     get from batching on this machine; best of ``rounds``."""
     from serve.engines.base import SamplingParams
+    from serve.engines.cpu import _Seq
 
-    ids = prompt_ids(core)
+    ids = prompt_ids(engine)
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
 
     def step_ms(b: int) -> float:
-        core.step([core.new_seq(i, ids, params, max_tokens) for i in range(b)])  # prefill
+        seqs = [_Seq(request_id=str(i), prompt_ids=ids, params=params, max_tokens=max_tokens,
+                     queue=None, generator=None) for i in range(b)]
+        engine._step(seqs)  # prefill
         steps, start = 0, time.perf_counter()
-        while core.running:
-            core.step([])
+        while engine._rows:
+            engine._step([])
             steps += 1
         return (time.perf_counter() - start) * 1000 / steps
 
@@ -442,10 +445,8 @@ def main() -> int:
     # The Serve app first (deploying takes a while), then rounds of all systems back to back:
     # the machine's load drifts, so each round's ratios compare runs minutes apart at most.
     from serve.engines.cpu import CPUEngine
-    from serve.engines.cpu_core import EngineCore
 
     engine = CPUEngine(folder, max_num_seqs=c, num_threads=1)  # as a Serve replica's
-    core = EngineCore(folder, max_num_seqs=c, num_threads=1)  # its model, for the ceiling
     proc, fastapi_url = start_fastapi(folder, work / "fastapi.log")
     apps: dict[str, str] = {}  # ingress mode -> OpenAI base URL
     key = state_dir = floor_url = serve_proxy = None
@@ -468,7 +469,7 @@ def main() -> int:
             row["in_process_c"] = asyncio.run(run_in_process(
                 engine, num_requests=args.requests, max_tokens=n, concurrency=c))
             report(row["in_process_c"])
-            row["batching_ceiling"] = batching_ceiling(core, max_tokens=n, batch=c)
+            row["batching_ceiling"] = batching_ceiling(engine, max_tokens=n, batch=c)
             print(f"engine step alone (no loop, no HTTP): {row['batching_ceiling']}", flush=True)
             for conc, reqs in ((1, single), (c, args.requests)):
                 row[f"fastapi_{conc}"] = asyncio.run(run_http(

@@ -120,10 +120,9 @@ class ModelServer:
             yield line
 
     def check_health(self) -> None:
-        # Serve replaces a replica whose health check raises: a dead engine core is one.
-        why = self.engine.alive()
-        if why is not None:
-            raise RuntimeError(why)
+        task = self.engine._task
+        if task is not None and task.done() and not task.cancelled() and task.exception():
+            raise RuntimeError(f"engine loop died: {task.exception()!r}")
 
     def __del__(self):
         if getattr(self, "_downloaded", False):

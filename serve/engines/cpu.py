@@ -1,44 +1,64 @@
 """The CPU engine: PyTorch + ``transformers`` with a KV cache and continuous batching.
 
-Two halves, as in vLLM's V1 engine: the *core* (serve/engines/cpu_core.py: the model, the
-running batch, the step loop, detokenization) runs in a child process, and this front runs
-in the caller's process (a Serve replica, a test, the benchmark): it checks requests against
-the model's limits, hands sequences to the core, and turns the core's per-step messages into
-one async stream per sequence. Keeping the model's Python-heavy forward pass out of the
-replica's process keeps it off the GIL that HTTP, JSON and Ray's threads need (see the core's
-docstring for the measurement).
+One asyncio task per engine runs an iteration loop (the scheme vLLM and TGI use, here on
+``transformers``' own model and ``DynamicCache``):
 
-The front reads the core's socket from the event loop (``add_reader``), so a step's deltas
-reach their streams without a thread hop; a stream closed early (the client went away, the
-task was cancelled) sends an abort, and the core drops the sequence from its batch at the
-next step. If the core process dies, every open stream ends with a 500 and new requests get
-a retryable 503; ``alive()`` is what the replica's health check reads.
+- every iteration admits waiting requests up to ``max_num_seqs`` running sequences, prefills
+  them together (left-padded, one forward pass) and merges their KV cache into the running
+  batch (left-padding the shorter of the two), so a request joins at the next token boundary
+  instead of waiting for the batch to drain;
+- one decode forward pass then produces the next token of every running sequence, each
+  sampled with its own temperature / top_p / seed;
+- finished and cancelled sequences leave the batch at once (their KV rows are dropped and the
+  all-padding columns trimmed), so a client that disconnects frees its slot.
+
+The forward pass runs on one worker thread (torch releases the GIL), so the replica's event
+loop keeps streaming tokens and accepting requests while the model computes. Text is
+detokenized here, with stop strings and incomplete UTF-8 held back, so every yielded
+:class:`~serve.engines.base.Delta` is final.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import json
+import collections
 import logging
 import os
-import socket
-import subprocess
-import sys
 import time
-import weakref
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from pathlib import Path
 
 from serve.engines.base import Delta, EngineError, EngineOverloaded, SamplingParams
-from serve.engines.cpu_core import CoreStats
 
 logger = logging.getLogger(__name__)
 
-#: How long the core may take to load its model before the engine gives up.
-CORE_START_TIMEOUT_S = float(os.environ.get("RAYPLANE_ENGINE_START_TIMEOUT_S", "600"))
+
+@dataclass(eq=False)
+class _Seq:
+    """One sequence (one OpenAI choice) inside the engine."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    queue: asyncio.Queue
+    generator: object  # torch.Generator
+    arrival: float = field(default_factory=time.perf_counter)
+    output_ids: list[int] = field(default_factory=list)
+    sent_chars: int = 0
+    # Incremental detokenization (vLLM's scheme): the text of the output so far and the
+    # window of ids it was last decoded from, so a step decodes a few tokens, not all.
+    text: str = ""
+    decode_ids: list[int] = field(default_factory=list)
+    prefix_offset: int = 0
+    read_offset: int = 0
+    first_token_s: float | None = None
+    finished: bool = False
+    #: Set when the last delta is queued, so a coalescing reader never waits past the end.
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    aborted: bool = False
 
 
 @dataclass
@@ -51,52 +71,57 @@ class EngineStats:
     steps: int
 
 
-@dataclass(eq=False)
-class _Stream:
-    """The front's side of one sequence: where the core's deltas for it are queued."""
-
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    #: Set when the last delta is queued, so a coalescing reader never waits past the end.
-    ended: asyncio.Event = field(default_factory=asyncio.Event)
-    finished: bool = False
-
-
 class CPUEngine:
     """Continuous-batching generation for one Hugging Face causal LM folder on CPU.
 
     ``max_num_seqs`` caps the sequences decoded together (vLLM's name); ``max_waiting`` caps
     the queue behind them, beyond which :class:`EngineOverloaded` (503 + Retry-After) is
-    raised instead of letting latency grow without bound. ``num_threads``: torch threads of
-    the core's forward pass.
+    raised instead of letting latency grow without bound.
     """
 
     def __init__(self, model_dir: str | Path, *, max_num_seqs: int = 16,
                  max_model_len: int | None = None, max_waiting: int | None = None,
                  num_threads: int | None = None):
-        from transformers import AutoTokenizer
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         self.model_dir = Path(model_dir)
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        self.model.eval()
+        eos: set[int] = set()
+        try:
+            gen = GenerationConfig.from_pretrained(self.model_dir)
+            ids = gen.eos_token_id
+            eos.update(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+        except OSError:  # no generation_config.json: the tokenizer's EOS is the contract
+            pass
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = eos
+        self.pad_token_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+                             else next(iter(eos), 0))
+        cfg = self.model.config
+        n_ctx = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        self.context_length = int(n_ctx or 2048)
+        self.max_model_len = min(self.context_length, max_model_len or self.context_length)
         self.max_num_seqs = max_num_seqs
         self.max_waiting = max_waiting if max_waiting is not None else 8 * max_num_seqs
-        self._proc, self._conn = _start_core(self.model_dir, {
-            "max_num_seqs": max_num_seqs, "max_model_len": max_model_len,
-            "num_threads": num_threads})
-        # The child is stopped with this engine, or with this process at the latest.
-        self._finalizer = weakref.finalize(self, _stop_core, self._proc, self._conn)
-        info = _wait_ready(self._proc, self._conn, self.model_dir)
-        self.context_length = info["context_length"]
-        self.max_model_len = info["max_model_len"]
-        self.eos_token_ids = set(info["eos_token_ids"])
-        self.pad_token_id = info["pad_token_id"]
-        # The front tokenizes prompts and renders chat templates; the core detokenizes.
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self._streams: dict[int, _Stream] = {}
-        self._ids = itertools.count(1)
+        self._torch = torch
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="cpu-engine")
+        self._waiting: collections.deque[_Seq] = collections.deque()
+        # Batch state, owned by the step thread between admissions.
+        self._rows: list[_Seq] = []
+        self._cache = None
+        self._mask = None  # [B, T] 1 = real token, 0 = left padding
+        self._pos = None  # [B] position id of the next token
+        self._last = None  # [B] last sampled token
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._core_stats = CoreStats()
-        self._aborted = 0
-        self._dead: str | None = None  # why the core is gone, once it is
+        self._finished = self._aborted = self._generated = self._steps = 0
 
     # -- public --------------------------------------------------------------------------
 
@@ -105,16 +130,10 @@ class CPUEngine:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
     def stats(self) -> EngineStats:
-        s = self._core_stats
-        return EngineStats(running=s.running, waiting=self._waiting(), finished=s.finished,
-                           aborted=self._aborted, generated_tokens=s.generated_tokens,
-                           steps=s.steps)
-
-    def alive(self) -> str | None:
-        """None while the core runs; else why it stopped."""
-        if self._dead is None and self._proc.poll() is not None:
-            self._dead = f"the engine core process exited with code {self._proc.returncode}"
-        return self._dead
+        return EngineStats(running=sum(not s.finished for s in self._rows),
+                           waiting=len(self._waiting), finished=self._finished,
+                           aborted=self._aborted, generated_tokens=self._generated,
+                           steps=self._steps)
 
     def check(self, prompt_ids: list[int], params: SamplingParams,
               max_tokens_param: str = "max_tokens") -> int:
@@ -141,11 +160,8 @@ class CPUEngine:
 
     def ensure_capacity(self, sequences: int = 1) -> None:
         """Refuse (503 + Retry-After) when the queue cannot take ``sequences`` more."""
-        if self.alive() is not None:
-            raise EngineOverloaded(f"the engine is not running ({self._dead}); retry shortly")
-        waiting = self._waiting()
-        if waiting + sequences > self.max_waiting:
-            raise EngineOverloaded(f"the engine has {waiting} sequences waiting "
+        if len(self._waiting) + sequences > self.max_waiting:
+            raise EngineOverloaded(f"the engine has {len(self._waiting)} sequences waiting "
                                    f"(max_waiting {self.max_waiting}); retry shortly")
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
@@ -163,27 +179,31 @@ class CPUEngine:
         held back) do not start the batching: the client's first visible text is never late."""
         budget = max_tokens if max_tokens is not None else self.check(prompt_ids, params)
         self.ensure_capacity()
-        self._attach()
-        seq_id = next(self._ids)
-        stream = _Stream(loop=asyncio.get_running_loop())
-        self._streams[seq_id] = stream
-        self._send(("add", seq_id, list(prompt_ids), params, budget, time.perf_counter()))
+        gen = self._torch.Generator()
+        gen.manual_seed(params.seed if params.seed is not None
+                        else int.from_bytes(os.urandom(8), "little") >> 1)
+        seq = _Seq(request_id=request_id, prompt_ids=list(prompt_ids), params=params,
+                   max_tokens=budget, queue=asyncio.Queue(), generator=gen)
+        self._ensure_loop()
+        self._waiting.append(seq)
+        assert self._wake is not None
+        self._wake.set()
         try:
             shown = False  # has a delta with text gone out yet
             while True:
-                if shown and coalesce_s > 0 and not stream.ended.is_set():
+                if shown and coalesce_s > 0 and not seq.ended.is_set():
                     if coalesce_s == float("inf"):
-                        await stream.ended.wait()
+                        await seq.ended.wait()
                     else:
                         try:
-                            await asyncio.wait_for(stream.ended.wait(), coalesce_s)
+                            await asyncio.wait_for(seq.ended.wait(), coalesce_s)
                         except TimeoutError:
                             pass
-                delta = await stream.queue.get()
+                delta = await seq.queue.get()
                 # A reader slower than the engine gets everything produced since its last
                 # read in one delta: streaming never falls behind generation.
-                while not isinstance(delta, EngineErrorDelta) and not stream.queue.empty():
-                    nxt = stream.queue.get_nowait()
+                while not isinstance(delta, EngineErrorDelta) and not seq.queue.empty():
+                    nxt = seq.queue.get_nowait()
                     delta = nxt if isinstance(nxt, EngineErrorDelta) else delta.merge(nxt)
                 if isinstance(delta, EngineErrorDelta):
                     raise EngineError(f"generation failed: {delta.error}", status=500,
@@ -193,158 +213,237 @@ class CPUEngine:
                 if delta.finish_reason is not None:
                     return
         finally:
-            if not stream.finished:
+            if not seq.finished:
+                seq.aborted = True
                 self._aborted += 1
-                self._streams.pop(seq_id, None)
-                self._send(("abort", seq_id), quiet=True)
+                try:
+                    self._waiting.remove(seq)
+                except ValueError:
+                    pass
 
     async def close(self) -> None:
-        self.shutdown()
+        if self._task is not None:
+            self._task.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def shutdown(self) -> None:
-        """Stop the core process (also done when the engine is garbage-collected)."""
-        self._detach()
-        self._finalizer()
-        self._dead = self._dead or "the engine was shut down"
+    # -- the iteration loop ------------------------------------------------------------------
 
-    # -- the core's messages ---------------------------------------------------------------
-
-    def _waiting(self) -> int:
-        """Sequences handed over that cannot be running (the core runs max_num_seqs)."""
-        return max(0, len(self._streams) - self.max_num_seqs)
-
-    def _attach(self) -> None:
-        """Read the core's messages on the current event loop. Streams opened on another
-        loop (a finished ``asyncio.run``) can never be read again: they are aborted."""
+    def _ensure_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        if self._loop is loop:
-            return
-        self._detach()
-        for seq_id in [k for k, s in self._streams.items() if s.loop is not loop]:
-            del self._streams[seq_id]
-            self._send(("abort", seq_id), quiet=True)
-        loop.add_reader(self._conn.fileno(), self._on_message)
-        self._loop = loop
+        if self._task is None or self._task.done() or self._loop is not loop:
+            self._loop = loop
+            self._wake = asyncio.Event()
+            self._task = loop.create_task(self._run(), name="cpu-engine-loop")
 
-    def _detach(self) -> None:
-        if self._loop is not None and not self._loop.is_closed():
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._wake is not None
+        while True:
+            if not self._rows and not self._waiting:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            admitted: list[_Seq] = []
+            while self._waiting and len(self._rows) + len(admitted) < self.max_num_seqs:
+                seq = self._waiting.popleft()
+                if not seq.aborted:
+                    admitted.append(seq)
             try:
-                self._loop.remove_reader(self._conn.fileno())
-            except (OSError, ValueError, RuntimeError):  # socket or loop already gone
-                pass
-        self._loop = None
+                results = await loop.run_in_executor(self._executor, self._step, admitted)
+            except Exception as err:
+                logger.exception("engine step failed")
+                failed = [s for s in self._rows + admitted if not s.finished]
+                self._reset_batch()
+                for s in failed:
+                    s.finished = True
+                    s.queue.put_nowait(EngineErrorDelta(err))
+                    s.ended.set()
+                continue
+            for seq, delta in results:
+                if delta is not None and not seq.aborted:
+                    seq.queue.put_nowait(delta)
+                    if delta.finish_reason is not None:
+                        seq.ended.set()
 
-    def _send(self, msg: tuple, *, quiet: bool = False) -> None:
-        try:
-            self._conn.send(msg)
-        except OSError as err:
-            self._core_gone(f"the engine core is unreachable: {err}")
-            if not quiet:
-                raise EngineOverloaded(f"the engine is not running ({self._dead}); "
-                                       "retry shortly") from None
+    def _step(self, admitted: list[_Seq]) -> list[tuple[_Seq, Delta | None]]:
+        """One iteration on the worker thread: decode the running batch, prefill the admitted."""
+        torch = self._torch
+        out: list[tuple[_Seq, Delta | None]] = []
+        with torch.inference_mode():
+            self._drop([i for i, s in enumerate(self._rows) if s.finished or s.aborted])
+            if self._rows:
+                attn = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=1)
+                logits = self.model(input_ids=self._last[:, None], attention_mask=attn,
+                                    position_ids=self._pos[:, None],
+                                    past_key_values=self._cache, use_cache=True).logits[:, -1]
+                self._mask = attn
+                self._pos = self._pos + 1
+                tokens = self._sample(logits, self._rows)
+                self._last = torch.tensor(tokens)
+                out += [(s, self._advance(s, t)) for s, t in zip(self._rows, tokens)]
+            if admitted:
+                cache, mask, pos, logits = self._prefill(admitted)
+                tokens = self._sample(logits, admitted)
+                out += [(s, self._advance(s, t)) for s, t in zip(admitted, tokens)]
+                self._merge(cache, mask, pos, torch.tensor(tokens), admitted)
+            self._drop([i for i, s in enumerate(self._rows) if s.finished or s.aborted])
+            self._steps += 1
+        return out
 
-    def _on_message(self) -> None:
-        try:
-            while self._conn.poll():
-                msg = self._conn.recv()
-                if msg[0] == "step":
-                    _, deltas, self._core_stats = msg
-                    for seq_id, delta in deltas:
-                        stream = self._streams.get(seq_id)
-                        if stream is None:  # aborted meanwhile
-                            continue
-                        stream.queue.put_nowait(delta)
-                        if delta.finish_reason is not None:
-                            stream.finished = True
-                            stream.ended.set()
-                            del self._streams[seq_id]
-                elif msg[0] == "error":
-                    _, seq_ids, error, self._core_stats = msg
-                    for seq_id in seq_ids:
-                        self._fail(seq_id, error)
-        except (EOFError, OSError) as err:
-            code = self._proc.poll()
-            self._core_gone(f"the engine core process exited (code {code})" if code is not None
-                            else f"the engine core's socket failed: {err!r}")
-        except Exception as err:  # a message we cannot read: the streams would never end
-            logger.exception("unreadable message from the engine core")
-            self._core_gone(f"unreadable message from the engine core: {err!r}")
+    # -- batch state ---------------------------------------------------------------------
 
-    def _fail(self, seq_id: int, error: str) -> None:
-        stream = self._streams.pop(seq_id, None)
-        if stream is not None:
-            stream.finished = True
-            stream.queue.put_nowait(EngineErrorDelta(error))
-            stream.ended.set()
+    def _prefill(self, seqs: list[_Seq]):
+        torch = self._torch
+        from transformers import DynamicCache
 
-    def _core_gone(self, why: str) -> None:
-        if self._dead is None:
-            logger.error("%s; failing %d open streams", why, len(self._streams))
-            self._dead = why
-        self._detach()
-        for seq_id in list(self._streams):
-            self._fail(seq_id, why)
+        width = max(len(s.prompt_ids) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            n = len(s.prompt_ids)
+            ids[i, width - n:] = torch.tensor(s.prompt_ids)
+            mask[i, width - n:] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                            past_key_values=cache, use_cache=True).logits[:, -1]
+        return cache, mask, mask.sum(-1), logits
+
+    def _merge(self, cache, mask, pos, last, seqs: list[_Seq]) -> None:
+        torch = self._torch
+        if not self._rows:
+            self._cache, self._mask, self._pos, self._last = cache, mask, pos, last
+            self._rows = list(seqs)
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+
+        def left_pad(t, dim: int):
+            missing = width - t.shape[dim]
+            if missing == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for old, new in zip(self._cache.layers, cache.layers):
+            old.keys = torch.cat([left_pad(old.keys, 2), left_pad(new.keys, 2)], dim=0)
+            old.values = torch.cat([left_pad(old.values, 2), left_pad(new.values, 2)], dim=0)
+        self._mask = torch.cat([left_pad(self._mask, 1), left_pad(mask, 1)], dim=0)
+        self._pos = torch.cat([self._pos, pos])
+        self._last = torch.cat([self._last, last])
+        self._rows += seqs
+
+    def _drop(self, rows: list[int]) -> None:
+        if not rows:
+            return
+        torch = self._torch
+        keep = [i for i in range(len(self._rows)) if i not in set(rows)]
+        if not keep:
+            self._reset_batch()
+            return
+        index = torch.tensor(keep)
+        mask = self._mask[index]
+        # Columns that are padding in every remaining row are dead weight: trim them.
+        start = int((mask.sum(0) > 0).nonzero()[0])
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+        self._mask = mask[:, start:]
+        self._pos = self._pos[index]
+        self._last = self._last[index]
+        self._rows = [self._rows[i] for i in keep]
+
+    def _reset_batch(self) -> None:
+        self._rows, self._cache, self._mask, self._pos, self._last = [], None, None, None, None
+
+    # -- sampling and detokenization -------------------------------------------------------
+
+    def _detokenize(self, s: _Seq, token: int) -> None:
+        """Append ``token``'s text to ``s.text``, decoding only a short window: the last few
+        prompt tokens give the first output token its context (a leading space), and a token
+        that ends inside a UTF-8 character waits for the rest."""
+        if not s.decode_ids:
+            context = s.prompt_ids[-4:]
+            s.decode_ids = list(context)
+            s.prefix_offset, s.read_offset = 0, len(context)
+        s.decode_ids.append(token)
+        decode = self.tokenizer.decode
+        before = decode(s.decode_ids[s.prefix_offset:s.read_offset], skip_special_tokens=True)
+        after = decode(s.decode_ids[s.prefix_offset:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            s.text += after[len(before):]
+            s.prefix_offset, s.read_offset = s.read_offset, len(s.decode_ids)
+
+    def _sample(self, logits, seqs: list[_Seq]) -> list[int]:
+        torch = self._torch
+        logits = logits.float()
+        tokens = logits.argmax(-1).tolist()
+        for i, s in enumerate(seqs):
+            p = s.params
+            if p.greedy:
+                continue
+            row = logits[i] / p.temperature
+            if p.top_p < 1.0:
+                sorted_logits, order = row.sort(descending=True)
+                probs = sorted_logits.softmax(-1)
+                # keep the smallest prefix whose mass reaches top_p (always the top token)
+                drop = (probs.cumsum(-1) - probs) > p.top_p
+                sorted_logits[drop] = float("-inf")
+                row = torch.full_like(row, float("-inf")).scatter(0, order, sorted_logits)
+            tokens[i] = int(torch.multinomial(row.softmax(-1), 1, generator=s.generator))
+        return tokens
+
+    def _advance(self, s: _Seq, token: int) -> Delta:
+        s.output_ids.append(token)
+        self._generated += 1
+        if s.first_token_s is None:
+            s.first_token_s = time.perf_counter() - s.arrival
+        finish = None
+        if token in self.eos_token_ids and not s.params.ignore_eos:
+            finish = "stop"
+        else:
+            self._detokenize(s, token)
+        text = s.text
+        if finish is None and s.params.stop:
+            # Only text after what was already sent can hold a new stop string.
+            hits = [k for k in (text.find(stop, max(0, s.sent_chars - len(stop) + 1))
+                                for stop in s.params.stop) if k >= 0]
+            if hits:
+                text = text[:min(hits)]
+                finish = "stop"
+        if finish is None and (len(s.output_ids) >= s.max_tokens
+                               or len(s.prompt_ids) + len(s.output_ids) >= self.max_model_len):
+            finish = "length"
+        upto = len(text)
+        if finish is None:
+            upto -= _held_for_stop(text, s.params.stop)
+        new_text = text[s.sent_chars:upto] if upto > s.sent_chars else ""
+        s.sent_chars = max(s.sent_chars, upto)
+        if finish is not None:
+            s.finished = True
+            self._finished += 1
+        return Delta(text=new_text, token_ids=[token], finish_reason=finish,
+                     prompt_tokens=len(s.prompt_ids), completion_tokens=len(s.output_ids),
+                     first_token_s=s.first_token_s if len(s.output_ids) == 1 else None)
+
+
+def _held_for_stop(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of ``text`` that could still grow into a stop string."""
+    held = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:k]):
+                held = k
+                break
+    return held
 
 
 class EngineErrorDelta(Delta):
-    """Queued for a sequence whose step failed; ``generate`` raises it as a 500."""
+    """Put on a sequence's queue when its step failed; ``generate`` raises it as a 500."""
 
-    def __init__(self, err: Exception | str):
+    def __init__(self, err: Exception):
         super().__init__(finish_reason="error")
         self.error = err
-
-
-def _start_core(model_dir: Path, options: dict) -> tuple[subprocess.Popen, Connection]:
-    """``python -m serve.engines.cpu_core`` on one end of a socket pair. A plain child process
-    rather than ``multiprocessing``: spawn would re-import the parent's ``__main__`` (a Ray
-    worker's), fork would copy a process full of threads."""
-    ours, theirs = socket.socketpair()
-    package_root = str(Path(__file__).resolve().parents[2])  # the folder holding serve/
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "serve.engines.cpu_core", str(theirs.fileno()),
-             json.dumps({"model_dir": str(model_dir), **options})],
-            pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
-    except BaseException:
-        ours.close()
-        raise
-    finally:
-        theirs.close()
-    return proc, Connection(ours.detach())
-
-
-def _wait_ready(proc: subprocess.Popen, conn: Connection, model_dir: Path) -> dict:
-    deadline = time.monotonic() + CORE_START_TIMEOUT_S
-    try:
-        while time.monotonic() < deadline:
-            if conn.poll(0.2):
-                kind, payload = conn.recv()
-                if kind == "ready":
-                    return payload
-                raise RuntimeError(f"the engine could not load {model_dir}: {payload}")
-            if proc.poll() is not None:
-                raise RuntimeError(f"the engine core process exited with code "
-                                   f"{proc.returncode} while loading {model_dir}")
-        raise RuntimeError(f"the engine core did not load {model_dir} within "
-                           f"{CORE_START_TIMEOUT_S:.0f} s (RAYPLANE_ENGINE_START_TIMEOUT_S)")
-    except BaseException:
-        _stop_core(proc, conn)
-        raise
-
-
-def _stop_core(proc: subprocess.Popen, conn: Connection) -> None:
-    try:
-        conn.send(("close",))
-    except OSError:
-        pass
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    conn.close()
 
 
 __all__ = ["CPUEngine", "EngineStats"]
