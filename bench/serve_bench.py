@@ -553,7 +553,7 @@ def deploy_bench_app(args, folder: Path, work: Path, mode: str):
 
 def remove_bench_apps(state_dir: Path) -> None:
     """Remove the bench's apps, keeping the cluster's other applications."""
-    from serve.cli import Target
+    from serve.cli import Target, shutdown_serve
 
     client = Target(None, state_dir).client()
     details = client.get_serve_details()
@@ -563,7 +563,7 @@ def remove_bench_apps(state_dir: Path) -> None:
         client.deploy_applications({**{k: details[k] for k in ("proxy_location", "http_options")
                                        if details.get(k)}, "applications": others})
     else:
-        client.delete_applications()
+        shutdown_serve(client)
 
 
 if __name__ == "__main__":

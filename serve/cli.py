@@ -122,6 +122,24 @@ def wait_running(client, name: str, timeout: float, progress=None) -> dict:
         time.sleep(1.0)
 
 
+def shutdown_serve(client, timeout: float = 120) -> None:
+    """Remove every application, which shuts Serve down, and wait until its controller is
+    gone. Serve's DELETE waits at most 30 s for the controller's graceful shutdown and then
+    returns anyway; a config deployed while the old controller is still stopping is accepted
+    by it and lost with it (the app never appears). Seen under a loaded test run."""
+    client.delete_applications()
+    deadline = time.monotonic() + timeout
+    resend = time.monotonic() + 30
+    while (client.get_serve_details().get("controller_info") or {}).get("actor_id"):
+        if time.monotonic() > deadline:
+            raise UserError(f"Serve did not shut down within {timeout:.0f}s; see the "
+                            "controller's log (logs/serve/ in the Ray session folder)")
+        if time.monotonic() > resend:  # the DELETE's own wait ran out: ask again
+            client.delete_applications()
+            resend = time.monotonic() + 30
+        time.sleep(1.0)
+
+
 def _first_line(text: str) -> str:
     lines = [ln for ln in str(text).splitlines() if ln.strip()]
     # Replica tracebacks end with the exception: that line says what went wrong.
@@ -200,7 +218,7 @@ def down_cmd(name: str = typer.Argument("openai", help="Application to remove.")
                 cfg[key] = details[key]
         client.deploy_applications(cfg)
     else:
-        client.delete_applications()
+        shutdown_serve(client)
     console.print(f"removed {name}")
 
 
