@@ -553,17 +553,9 @@ def deploy_bench_app(args, folder: Path, work: Path, mode: str):
 
 def remove_bench_apps(state_dir: Path) -> None:
     """Remove the bench's apps, keeping the cluster's other applications."""
-    from serve.cli import Target, shutdown_serve
+    from serve.cli import Target, remove_applications
 
-    client = Target(None, state_dir).client()
-    details = client.get_serve_details()
-    others = [d["deployed_app_config"] for name, d in (details.get("applications") or {}).items()
-              if not name.startswith("bench-") and d.get("deployed_app_config")]
-    if others:
-        client.deploy_applications({**{k: details[k] for k in ("proxy_location", "http_options")
-                                       if details.get(k)}, "applications": others})
-    else:
-        shutdown_serve(client)
+    remove_applications(Target(None, state_dir).client(), lambda app: app.startswith("bench-"))
 
 
 if __name__ == "__main__":
