@@ -120,9 +120,9 @@ class ModelServer:
             yield line
 
     def check_health(self) -> None:
-        task = self.engine._task
-        if task is not None and task.done() and not task.cancelled() and task.exception():
-            raise RuntimeError(f"engine loop died: {task.exception()!r}")
+        failure = self.engine.failure()
+        if failure is not None:
+            raise RuntimeError(failure)
 
     def __del__(self):
         if getattr(self, "_downloaded", False):

@@ -1,6 +1,6 @@
 """The CPU engine: PyTorch + ``transformers`` with a KV cache and continuous batching.
 
-One asyncio task per engine runs an iteration loop (the scheme vLLM and TGI use, here on
+One thread per engine runs an iteration loop (the scheme vLLM and TGI use, here on
 ``transformers``' own model and ``DynamicCache``):
 
 - every iteration admits waiting requests up to ``max_num_seqs`` running sequences, prefills
@@ -12,10 +12,12 @@ One asyncio task per engine runs an iteration loop (the scheme vLLM and TGI use,
 - finished and cancelled sequences leave the batch at once (their KV rows are dropped and the
   all-padding columns trimmed), so a client that disconnects frees its slot.
 
-The forward pass runs on one worker thread (torch releases the GIL), so the replica's event
-loop keeps streaming tokens and accepting requests while the model computes. Text is
-detokenized here, with stop strings and incomplete UTF-8 held back, so every yielded
-:class:`~serve.engines.base.Delta` is final.
+The loop runs on a thread of its own (``cpu-engine``) that steps back to back while it has
+sequences and hands each step's deltas to the event loop of their requests in one callback:
+it never waits for the event loop, which may be busy with HTTP, so a replica serving many
+streams keeps its model busy (torch releases the GIL inside its ops; the event loop and the
+step thread share the rest). Text is detokenized here, with stop strings and incomplete UTF-8
+held back, so every yielded :class:`~serve.engines.base.Delta` is final.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ import asyncio
 import collections
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +47,8 @@ class _Seq:
     max_tokens: int
     queue: asyncio.Queue
     generator: object  # torch.Generator
+    #: The event loop of the request: the step thread hands the deltas over to it.
+    loop: asyncio.AbstractEventLoop | None = None
     arrival: float = field(default_factory=time.perf_counter)
     output_ids: list[int] = field(default_factory=list)
     sent_chars: int = 0
@@ -110,17 +114,19 @@ class CPUEngine:
         self.max_num_seqs = max_num_seqs
         self.max_waiting = max_waiting if max_waiting is not None else 8 * max_num_seqs
         self._torch = torch
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="cpu-engine")
+        # Appended by event loops, popped by the step thread (deque's ends are thread-safe).
         self._waiting: collections.deque[_Seq] = collections.deque()
-        # Batch state, owned by the step thread between admissions.
+        # Batch state, owned by the step thread.
         self._rows: list[_Seq] = []
         self._cache = None
         self._mask = None  # [B, T] 1 = real token, 0 = left padding
         self._pos = None  # [B] position id of the next token
         self._last = None  # [B] last sampled token
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._thread_error: BaseException | None = None
         self._finished = self._aborted = self._generated = self._steps = 0
 
     # -- public --------------------------------------------------------------------------
@@ -158,6 +164,12 @@ class CPUEngine:
                 code="context_length_exceeded")
         return params.max_tokens
 
+    def failure(self) -> str | None:
+        """Why the step thread is gone, if it died (the replica's health check fails)."""
+        if self._thread_error is not None:
+            return f"engine loop died: {self._thread_error!r}"
+        return None
+
     def ensure_capacity(self, sequences: int = 1) -> None:
         """Refuse (503 + Retry-After) when the queue cannot take ``sequences`` more."""
         if len(self._waiting) + sequences > self.max_waiting:
@@ -183,10 +195,10 @@ class CPUEngine:
         gen.manual_seed(params.seed if params.seed is not None
                         else int.from_bytes(os.urandom(8), "little") >> 1)
         seq = _Seq(request_id=request_id, prompt_ids=list(prompt_ids), params=params,
-                   max_tokens=budget, queue=asyncio.Queue(), generator=gen)
-        self._ensure_loop()
+                   max_tokens=budget, queue=asyncio.Queue(), generator=gen,
+                   loop=asyncio.get_running_loop())
+        self._ensure_thread()
         self._waiting.append(seq)
-        assert self._wake is not None
         self._wake.set()
         try:
             shown = False  # has a delta with text gone out yet
@@ -222,48 +234,68 @@ class CPUEngine:
                     pass
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._closed = True
+        self._wake.set()
 
     # -- the iteration loop ------------------------------------------------------------------
 
-    def _ensure_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._task is None or self._task.done() or self._loop is not loop:
-            self._loop = loop
-            self._wake = asyncio.Event()
-            self._task = loop.create_task(self._run(), name="cpu-engine-loop")
+    def _ensure_thread(self) -> None:
+        if self._closed or self._thread_error is not None:
+            why = self.failure() or "the engine is shutting down"
+            raise EngineOverloaded(f"{why}; retry on another replica")
+        with self._start_lock:  # one step thread, whichever event loop asks first
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="cpu-engine",
+                                                daemon=True)
+                self._thread.start()
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        assert self._wake is not None
-        while True:
-            if not self._rows and not self._waiting:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            admitted: list[_Seq] = []
-            while self._waiting and len(self._rows) + len(admitted) < self.max_num_seqs:
-                seq = self._waiting.popleft()
-                if not seq.aborted:
-                    admitted.append(seq)
+    def _run(self) -> None:
+        _name_os_thread()
+        try:
+            while not self._closed:
+                self._wake.clear()  # before looking: a request added after this wakes us
+                if not self._rows and not self._waiting:
+                    self._wake.wait()
+                    continue
+                admitted: list[_Seq] = []
+                while self._waiting and len(self._rows) + len(admitted) < self.max_num_seqs:
+                    seq = self._waiting.popleft()
+                    if not seq.aborted:
+                        admitted.append(seq)
+                try:
+                    results = self._step(admitted)
+                except Exception as err:  # the batch is lost; its sequences get a 500
+                    logger.exception("engine step failed")
+                    failed = [s for s in self._rows + admitted if not s.finished]
+                    self._reset_batch()
+                    for s in failed:
+                        s.finished = True
+                    self._hand_over([(s, EngineErrorDelta(err)) for s in failed])
+                    continue
+                self._hand_over(results)
+        except BaseException as err:  # a bug in the loop itself: fail the health check
+            self._thread_error = err
+            logger.exception("engine loop died")
+            # and every open request at once, rather than leave its client waiting
+            for seq in [s for s in self._rows if not s.finished] + list(self._waiting):
+                try:
+                    seq.loop.call_soon_threadsafe(_deliver, [(seq, EngineErrorDelta(err))])
+                except (AttributeError, RuntimeError):  # no loop, or it is closed
+                    pass
+            raise
+
+    def _hand_over(self, results: list[tuple[_Seq, Delta | None]]) -> None:
+        """Give a step's deltas to their requests' event loops, one callback per loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Seq, Delta]]] = {}
+        for seq, delta in results:
+            if delta is not None and not seq.aborted and seq.loop is not None:
+                by_loop.setdefault(seq.loop, []).append((seq, delta))
+        for loop, items in by_loop.items():
             try:
-                results = await loop.run_in_executor(self._executor, self._step, admitted)
-            except Exception as err:
-                logger.exception("engine step failed")
-                failed = [s for s in self._rows + admitted if not s.finished]
-                self._reset_batch()
-                for s in failed:
-                    s.finished = True
-                    s.queue.put_nowait(EngineErrorDelta(err))
-                    s.ended.set()
-                continue
-            for seq, delta in results:
-                if delta is not None and not seq.aborted:
-                    seq.queue.put_nowait(delta)
-                    if delta.finish_reason is not None:
-                        seq.ended.set()
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that event loop is closed: nobody reads these any more
+                for seq, _ in items:
+                    seq.aborted = True
 
     def _step(self, admitted: list[_Seq]) -> list[tuple[_Seq, Delta | None]]:
         """One iteration on the worker thread: decode the running batch, prefill the admitted."""
@@ -425,6 +457,27 @@ class CPUEngine:
         return Delta(text=new_text, token_ids=[token], finish_reason=finish,
                      prompt_tokens=len(s.prompt_ids), completion_tokens=len(s.output_ids),
                      first_token_s=s.first_token_s if len(s.output_ids) == 1 else None)
+
+
+def _deliver(items: list[tuple[_Seq, Delta]]) -> None:
+    """On the request's event loop: queue each delta for its reader."""
+    for seq, delta in items:
+        if not seq.aborted:
+            seq.queue.put_nowait(delta)
+            if delta.finish_reason is not None:
+                seq.ended.set()
+
+
+def _name_os_thread(name: bytes = b"cpu-engine") -> None:
+    """Name the step thread in the OS too (Python names it for Python only), so ``top -H``,
+    ``ps -L`` and the benchmark's CPU meter tell the model's work from the replica's HTTP and
+    Ray threads. Linux's PR_SET_NAME; elsewhere a no-op."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(15, name, 0, 0, 0)  # 15: PR_SET_NAME
+    except (OSError, AttributeError):  # no libc symbols or no prctl (macOS, Windows)
+        pass
 
 
 def _held_for_stop(text: str, stops: list[str]) -> int:

@@ -5,6 +5,7 @@ and stop strings, seeds, limits and cancellation behave as OpenAI clients expect
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -166,7 +167,9 @@ def test_coalesced_stream_has_fewer_deltas_and_the_same_text(engine):
     batched = asyncio.run(main(0.05))
     at_end = asyncio.run(main(float("inf")))
     assert per_token[0] == batched[0] == at_end[0] == tm.GREETING_REPLY
-    assert per_token[2] == batched[2] == at_end[2] == per_token[1]  # one token per delta
+    # the same tokens however delivered (without coalescing a reader gets a delta per step,
+    # or what the steps made since its last read when it is the slower one)
+    assert per_token[2] == batched[2] == at_end[2] >= per_token[1]
     assert batched[1] < per_token[1] and at_end[1] == 2
     assert len(batched[3]) == len(at_end[3]) == 1  # the first token is never held back
 
@@ -195,3 +198,56 @@ def test_coalescing_starts_after_the_first_visible_text(engine):
     # The text came with the next token or so, not with the rest of the generation.
     assert sum(len(d.token_ids) for d in deltas) < min(20, budget // 4), \
         [len(d.token_ids) for d in deltas]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
+def test_step_thread_is_named_for_the_os(engine):
+    """Operators (top -H, ps -L) and the benchmark's CPU meter find the model's thread by
+    its OS name among the replica's threads."""
+    asyncio.run(run(engine, chat_ids(engine, tm.GREETING), SamplingParams(max_tokens=2)))
+    names = {p.read_text().strip() for p in Path("/proc/self/task").glob("*/comm")}
+    assert "cpu-engine" in names
+
+
+def test_failed_step_fails_its_requests_and_the_engine_goes_on(tiny_model):
+    """A step that raises (a bad kernel, out of memory) loses its batch: those requests get
+    a 500 at once instead of hanging, and the next request is served normally."""
+    engine = CPUEngine(tiny_model, max_num_seqs=4)
+    step, failed = engine._step, []
+
+    def failing_once(admitted):
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("kernel exploded")
+        return step(admitted)
+
+    engine._step = failing_once
+    ids = chat_ids(engine, tm.GREETING)
+    params = SamplingParams(max_tokens=5, temperature=0)
+    with pytest.raises(EngineError) as err:
+        asyncio.run(run(engine, ids, params))
+    assert err.value.status == 500 and "kernel exploded" in str(err.value)
+    text, tokens, reason = asyncio.run(run(engine, ids, params))
+    assert reason in ("stop", "length") and tokens
+    assert engine.failure() is None
+
+
+def test_dead_engine_loop_fails_open_requests_and_the_health_check(tiny_model):
+    """A bug that kills the step thread: the open request gets a 500 instead of hanging,
+    new ones a retryable 503, and ``failure()`` (the replica's health check) says why, so
+    Serve replaces the replica."""
+    engine = CPUEngine(tiny_model, max_num_seqs=4)
+
+    def broken(results):
+        raise SystemError("bug in the hand-over")
+
+    engine._hand_over = broken
+    ids = chat_ids(engine, tm.GREETING)
+    params = SamplingParams(max_tokens=5)
+    with pytest.raises(EngineError) as err:
+        asyncio.run(asyncio.wait_for(run(engine, ids, params), 10))
+    assert err.value.status == 500 and "bug in the hand-over" in str(err.value)
+    engine._thread.join(5)
+    assert "SystemError" in (engine.failure() or "")
+    with pytest.raises(EngineOverloaded):
+        asyncio.run(run(engine, ids, params))
