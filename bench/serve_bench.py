@@ -10,7 +10,10 @@ ITL, TPOT and end-to-end latency (p50/p99) and failures -- and, in the same run,
   ingress mode (``--ingress``), beside ``serve.testing:floor_app``, an empty deployment whose
   latency is Serve's own floor on this cluster;
 - the batching ceiling: the engine's decode step run directly on 1 and on 16 sequences, the
-  most any server of this engine can gain from batching on this machine.
+  most any server of this engine can gain from batching on this machine;
+- where the CPU goes at 16 clients (``CpuMeter``, Linux): cores used by the engine thread, the
+  replica's other threads, the ingress, HAProxy, the clients and the rest of the machine, and
+  the machine's CPU per output token.
 
 Every request asks for the same chat prompt and exactly ``--max-tokens`` tokens (``ignore_eos``,
 greedy), so the systems do the same work; output tokens are counted from ``usage``.
@@ -226,6 +229,84 @@ def batching_ceiling(engine, *, max_tokens: int, batch: int, rounds: int = 3) ->
     many = min(step_ms(batch) for _ in range(rounds))
     return {"step_ms_1": round(one, 3), f"step_ms_{batch}": round(many, 3),
             "gain": round(batch * one / many, 2)}
+
+
+# -- where the CPU goes ----------------------------------------------------------------------
+
+
+def _ticks(path: str) -> int:
+    """utime + stime of /proc/PID/stat or /proc/PID/task/TID/stat, in clock ticks."""
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+class CpuMeter:
+    """CPU time spent while a Serve run is measured, by part, from Linux's ``/proc``: the
+    clients (this process), the model replica's engine thread and its other threads (HTTP,
+    Serve, Ray), the ingress replica (``router`` mode), HAProxy, and the rest of the machine
+    (Ray's own processes, the OS). With the run's output tokens it gives the CPU one token
+    costs end to end, which says how many cores a tokens/s goal needs on this machine.
+    ``result()`` is None where ``/proc`` is not there."""
+
+    def __init__(self, app: str):
+        self.replica_prefix = f"ray::ServeReplica:{app}:"
+        self.ok = Path("/proc/stat").exists()
+        self._start: dict | None = None
+        self._end: dict | None = None
+
+    def _snapshot(self) -> dict:
+        parts = dict.fromkeys(("engine thread", "model replica, other threads",
+                               "ingress replica", "haproxy"), 0)
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+                cmd = raw.replace(b"\0", b" ").decode(errors="replace")
+                if cmd.startswith(self.replica_prefix + "model-"):
+                    for tid in os.listdir(f"/proc/{pid}/task"):
+                        name = Path(f"/proc/{pid}/task/{tid}/comm").read_text()
+                        part = ("engine thread" if name.startswith("cpu-engine")
+                                else "model replica, other threads")
+                        parts[part] += _ticks(f"/proc/{pid}/task/{tid}/stat")
+                elif cmd.startswith(self.replica_prefix):
+                    parts["ingress replica"] += _ticks(f"/proc/{pid}/stat")
+                elif "/haproxy " in cmd:
+                    parts["haproxy"] += _ticks(f"/proc/{pid}/stat")
+            except (OSError, IndexError, ValueError):  # a process that just exited
+                continue
+        hz = os.sysconf("SC_CLK_TCK")
+        seconds = {k: v / hz for k, v in parts.items()}
+        own = os.times()
+        seconds["clients (openai, this process)"] = own.user + own.system
+        cpu = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
+        # user nice system idle iowait irq softirq steal: busy is all but idle and iowait
+        seconds["machine"] = (sum(cpu) - cpu[3] - cpu[4]) / hz
+        seconds["wall"] = time.monotonic()
+        return seconds
+
+    def __enter__(self) -> CpuMeter:
+        if self.ok:
+            self._start = self._snapshot()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.ok:
+            self._end = self._snapshot()
+
+    def result(self, summary: Summary) -> dict | None:
+        """Cores each part used on average, and CPU ms per output token."""
+        if self._start is None or self._end is None:
+            return None
+        used = {k: self._end[k] - self._start[k] for k in self._start}
+        wall = used.pop("wall")
+        machine = used.pop("machine")
+        used["rest of the machine (Ray, OS)"] = max(0.0, machine - sum(used.values()))
+        tokens = summary.output_tokens_per_s * summary.duration_s
+        return {"cores": {k: round(v / wall, 2) for k, v in used.items()},
+                "machine_cores_busy": round(machine / wall, 2),
+                "machine_cpu_ms_per_token": round(machine * 1000 / tokens, 4) if tokens else None,
+                "cpus": os.cpu_count()}
 
 
 # -- the plain FastAPI + transformers.generate baseline ------------------------------------
@@ -490,11 +571,20 @@ def main() -> int:
                     system, url, key, "tiny-chat", concurrency=1, num_requests=single,
                     max_tokens=n, stream=False))
                 report(unary)
-                for conc, reqs in ((1, single), (c, args.requests)):
-                    row[f"{system}_{conc}"] = asyncio.run(run_http(
-                        system, url, key, "tiny-chat", concurrency=conc, num_requests=reqs,
-                        max_tokens=n))
-                    report(row[f"{system}_{conc}"])
+                row[f"{system}_1"] = asyncio.run(run_http(
+                    system, url, key, "tiny-chat", concurrency=1, num_requests=single,
+                    max_tokens=n))
+                report(row[f"{system}_1"])
+                with CpuMeter(f"bench-{mode}") as meter:
+                    row[f"{system}_{c}"] = asyncio.run(run_http(
+                        system, url, key, "tiny-chat", concurrency=c,
+                        num_requests=args.requests, max_tokens=n))
+                report(row[f"{system}_{c}"])
+                cpu = row[f"cpu_{mode}_{c}"] = meter.result(row[f"{system}_{c}"])
+                if cpu:
+                    print(f"CPU at c={c} (cores): {json.dumps(cpu['cores'])}; machine "
+                          f"{cpu['machine_cores_busy']} of {cpu['cpus']}, "
+                          f"{cpu['machine_cpu_ms_per_token']} ms per token", flush=True)
                 one_token = row[f"{system}_unary_1tok"] = asyncio.run(run_http(
                     system, url, key, "tiny-chat", concurrency=1, num_requests=2 * single,
                     max_tokens=1, stream=False))
@@ -514,6 +604,11 @@ def main() -> int:
                         one_token.e2e_ms_p50 - row["in_process_1tok"].e2e_ms_p50, 2),
                     "serve_floor_ms_p50": row["serve_floor_ms_p50"],
                 }
+                if cpu and cpu["machine_cpu_ms_per_token"]:
+                    # What the 8x goal asks of this machine at this run's CPU per token.
+                    row[f"ratios_{mode}"]["cores_for_8x_in_process_1"] = round(
+                        8 * row["in_process"].output_tokens_per_s
+                        * cpu["machine_cpu_ms_per_token"] / 1000, 2)
                 print(mode, json.dumps(row[f"ratios_{mode}"]), flush=True)
             rounds.append(row)
     finally:
