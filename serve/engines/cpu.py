@@ -253,9 +253,10 @@ class CPUEngine:
         _name_os_thread()
         try:
             while not self._closed:
-                self._wake.clear()  # before looking: a request added after this wakes us
                 if not self._rows and not self._waiting:
-                    self._wake.wait()
+                    self._wake.clear()
+                    if not self._waiting:  # a request added after the clear() sets it again
+                        self._wake.wait()
                     continue
                 admitted: list[_Seq] = []
                 while self._waiting and len(self._rows) + len(admitted) < self.max_num_seqs:
@@ -280,7 +281,7 @@ class CPUEngine:
             for seq in [s for s in self._rows if not s.finished] + list(self._waiting):
                 try:
                     seq.loop.call_soon_threadsafe(_deliver, [(seq, EngineErrorDelta(err))])
-                except (AttributeError, RuntimeError):  # no loop, or it is closed
+                except RuntimeError:  # that event loop is closed
                     pass
             raise
 
@@ -288,7 +289,7 @@ class CPUEngine:
         """Give a step's deltas to their requests' event loops, one callback per loop."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Seq, Delta]]] = {}
         for seq, delta in results:
-            if delta is not None and not seq.aborted and seq.loop is not None:
+            if delta is not None and not seq.aborted:
                 by_loop.setdefault(seq.loop, []).append((seq, delta))
         for loop, items in by_loop.items():
             try:
