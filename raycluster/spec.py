@@ -13,8 +13,10 @@ from typing import Any, ClassVar, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from raycluster.errors import RayplaneError
 
-class SpecError(ValueError):
+
+class SpecError(RayplaneError, ValueError):
     """A user's spec is wrong. ``str(err)`` is one line naming the field and what is valid."""
 
     def __init__(self, message: str, *, field: str | None = None):

@@ -32,8 +32,7 @@ CatalogOpt = Annotated[Path | None, typer.Option("--catalog", "-c",
                                                     envvar="RAYPLANE_CATALOG")]
 
 
-class UserError(Exception):
-    """Raised by commands for a wrong argument or state: one line, exit 2."""
+from raycluster.errors import PlatformError as UserError  # transitional alias
 
 
 @pools_app.command("check")
