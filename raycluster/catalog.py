@@ -7,7 +7,6 @@ Kubernetes resource name, the Ray resources) are computed here and nowhere else.
 
 from __future__ import annotations
 
-import math
 import re
 from enum import StrEnum
 from functools import cached_property
@@ -284,11 +283,18 @@ class Pool(Spec):
 
     @property
     def workers_per_node(self) -> int:
-        """How many workers of this pool's shape fit on one node."""
+        """How many workers of this pool's own shape (``worker``) fit on one node."""
+        return self.workers_per_node_of(gpu_units=self.worker.gpu_units, cpus=self.worker.cpus,
+                                        memory_gib=self.worker.memory_gib)
+
+    def workers_per_node_of(self, *, gpu_units: int, cpus: int, memory_gib: int) -> int:
+        """How many workers of a given shape fit on one node of this pool: the fewest its
+        vCPUs, its memory and, for a worker that takes GPU units, its GPU units allow. A
+        KubeRay worker group sized differently from the pool's worker counts with this."""
         node = self.instance
-        fits = [node.vcpus // self.worker.cpus, node.memory_gib // self.worker.memory_gib]
-        if self.has_gpu:
-            fits.append(self.gpu_units_per_node // self.worker.gpu_units)
+        fits = [node.vcpus // cpus, node.memory_gib // memory_gib]
+        if self.has_gpu and gpu_units:
+            fits.append(self.gpu_units_per_node // gpu_units)
         return max(0, min(fits))
 
     @property
@@ -391,12 +397,6 @@ class Catalog(Spec):
         raise SpecError(f"namespace: {name!r} is not a namespace of the catalog; valid: "
                         f"{', '.join(n.name for n in self.namespaces)}", field="namespace")
 
-    def priority_value(self, name: str) -> int:
-        for pc in self.priority_classes:
-            if pc.name == name:
-                return pc.value
-        raise SpecError(f"priority_class: {name!r} is not a priority class")
-
 
 def _unique(field: str, names: list[str]) -> None:
     seen: set[str] = set()
@@ -409,7 +409,3 @@ def _unique(field: str, names: list[str]) -> None:
 def load_catalog(path: str | Path | None = None) -> Catalog:
     """The catalog at ``path`` (default: the platform's ``data/pools.yaml``)."""
     return Catalog.from_file(path or DEFAULT_CATALOG)
-
-
-def ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)

@@ -3,7 +3,7 @@ Standard, default-deny NetworkPolicies with the allows the platform needs, Prior
 ResourceQuotas and LimitRanges (GPU quotas in each pool's Kubernetes resource name),
 PodDisruptionBudgets, and the security contexts every rendered pod uses.
 
-Pure functions: catalog + environment in, plain dicts out (issue 5).
+Pure functions: catalog + environment in, plain dicts out.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def container_security_context(read_only_root: bool = True) -> dict:
 
 
 # Static-scan (checkov) findings that do not apply to Ray pods, justified where they are
-# skipped: as checkov.io/skipN annotations on the pod templates themselves (issue 5).
+# skipped: as checkov.io/skipN annotations on the pod templates themselves.
 _SKIP_ALL_RAY = {
     "CKV_K8S_8": "KubeRay injects the liveness probe (raylet and GCS health) into Ray containers",
     "CKV_K8S_9": "KubeRay injects the readiness probe (raylet and GCS health) into Ray containers",

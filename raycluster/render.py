@@ -1,6 +1,6 @@
 """Everything the platform needs on Kubernetes, rendered from the catalog and an environment,
 and written as plain YAML: one file per object kind, objects in a stable order, so a GitOps tool
-(Argo CD) can sync the folder and a drift test can compare it with a fresh render (issue 5).
+(Argo CD) can sync the folder and a drift test can compare it with a fresh render.
 
 ``render_objects`` is pure (specs in, dicts out); ``load_inputs`` reads the training and serve
 configs an environment names; ``write_objects`` writes the folder; ``apply_objects`` is the one
@@ -19,9 +19,12 @@ import yaml
 
 from raycluster import gpu_operator, kuberay, policy
 from raycluster.catalog import Catalog
-from raycluster.environments import Environment
+from raycluster.environments import Environment, RayServiceSpec
 from raycluster.policy import RAY_NAMESPACES, meta
 from raycluster.spec import SpecError
+from serve.builder import to_serve_config
+from serve.config import ServeAppConfig
+from train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 FIELD_MANAGER = "rayplane"
@@ -46,8 +49,8 @@ class Inputs:
     """The configs an environment names, loaded: training configs for RayJobs and
     RayCronJobs, serve configs for RayServices (keyed by their path in the environment)."""
 
-    train: dict[str, Any] = field(default_factory=dict)
-    serve: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, TrainConfig] = field(default_factory=dict)
+    serve: dict[str, ServeAppConfig] = field(default_factory=dict)
 
 
 def load_inputs(env: Environment, repo_root: Path = REPO) -> Inputs:
@@ -58,16 +61,12 @@ def load_inputs(env: Environment, repo_root: Path = REPO) -> Inputs:
             if not path.is_file():
                 raise SpecError(f"{kind}[{i}].config: {job.config!r}: no such file under "
                                 f"{repo_root}", field=f"{kind}[{i}].config")
-            from train.config import TrainConfig
-
             inputs.train[job.config] = TrainConfig.load(path)
     for i, svc in enumerate(env.services):
         path = repo_root / svc.config
         if not path.is_file():
             raise SpecError(f"services[{i}].config: {svc.config!r}: no such file under "
                             f"{repo_root}", field=f"services[{i}].config")
-        from serve.config import ServeAppConfig
-
         inputs.serve[svc.config] = ServeAppConfig.from_file(path)
     return inputs
 
@@ -190,7 +189,7 @@ def render_objects(catalog: Catalog, env: Environment, inputs: Inputs | None = N
         workloads.append(policy.render_serve_pdb(name, ns))
         if svc.gcs_fault_tolerance:
             gcs_ft.add(svc.namespace)
-        if getattr(inputs.serve[svc.config], "api_keys", None) is not None:
+        if inputs.serve[svc.config].api_keys is not None:
             api_keys.add(svc.namespace)
 
     objects = [
@@ -209,12 +208,15 @@ def render_objects(catalog: Catalog, env: Environment, inputs: Inputs | None = N
     return order_objects(objects)
 
 
-def render_service(catalog: Catalog, env: Environment, svc: Any, serve_cfg: Any, *,
-                   field: str) -> dict:
-    """A RayService from a serve config: its Serve config (``to_serve_config``) becomes
-    ``serveConfigV2`` unchanged; the GPU worker group follows the placement it asks."""
+def render_service(catalog: Catalog, env: Environment, svc: RayServiceSpec,
+                   serve_cfg: ServeAppConfig, *, field: str) -> dict:
+    """A RayService from a serve config: its Serve config (``serve.builder.to_serve_config``)
+    becomes ``serveConfigV2`` unchanged; the GPU worker group follows the placement it asks.
+    Rendering the Serve config first runs the serve config's own placement checks (a vLLM
+    model on a GPU pool, tensor parallelism only on whole GPUs), so a placement that could
+    never run is refused with the model's field named before any worker group is sized."""
     try:
-        serve_config = serve_cfg.to_serve_config(catalog)
+        serve_config = to_serve_config(serve_cfg, catalog)
     except SpecError as err:
         # The serve config names its own fields (models[0].pool); say which file it was.
         raise SpecError(f"{field}.config({svc.config}): {err}", field=err.field) from None

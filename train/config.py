@@ -111,7 +111,7 @@ class WandbSpec(Spec):
 
 
 class TrainConfig(Spec):
-    """One training run: ``python -m train.fit --config FILE`` (issue 3)."""
+    """One training run: ``python -m train.fit --config FILE``."""
 
     spec_kind = "training config"
 

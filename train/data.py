@@ -1,4 +1,4 @@
-"""The synthetic, seeded tool-use task the platform's own model learns (issue 3).
+"""The synthetic, seeded tool-use task the platform's own model learns.
 
 A user asks for arithmetic, a unit conversion or a fact about the cluster's pools; the
 assistant answers with a tool call (``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``),
@@ -172,10 +172,6 @@ def _number(rng: random.Random, small: bool = False) -> int | float:
     if small or r < 0.55:
         return rng.randint(0, 99)
     return rng.randint(100, 999)
-
-
-def _num_text(x: float) -> str:
-    return str(x)
 
 
 def _style(rng: random.Random, text: str) -> str:

@@ -1,4 +1,4 @@
-"""``python -m train.fit --config FILE``: train, evaluate and register (issue 3).
+"""``python -m train.fit --config FILE``: train, evaluate and register.
 
 What users submit: ``ray job submit --working-dir . -- python -m train.fit --config ...``.
 The driver validates the run before any worker starts (one line, exit 2), trains the

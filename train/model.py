@@ -7,7 +7,6 @@ tokenizer files with the chat template, which the CPU server and vLLM both load.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -77,13 +76,3 @@ def load_model_folder(folder: str | Path, device: str = "cpu"):
     model = with_loss(GPT2LMHeadModel.from_pretrained(str(folder))).to(device)
     model.eval()
     return model, load_tokenizer(folder)
-
-
-def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def model_card(folder: str | Path) -> dict:
-    config = json.loads((Path(folder) / "config.json").read_text())
-    return {k: config.get(k) for k in ("n_layer", "n_embd", "n_head", "n_positions",
-                                       "vocab_size")}

@@ -30,7 +30,6 @@ from train.config import (
 from train.data import missing_files
 from train.tracking import check_tracking_server
 
-REPO = Path(__file__).resolve().parents[1]
 #: Set by Ray's job supervisor in a submitted job's driver.
 _JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
@@ -88,9 +87,9 @@ def connect_ray() -> None:
         ray.init(log_to_driver=True, **extra)
         return
     import raycluster
-    import train
 
-    modules = [str(Path(train.__file__).parent), str(Path(raycluster.__file__).parent)]
+    # This package (train/) and raycluster/ travel to the cluster's workers.
+    modules = [str(Path(__file__).parent), str(Path(raycluster.__file__).parent)]
     ray.init(runtime_env={"py_modules": modules}, log_to_driver=True)
 
 

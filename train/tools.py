@@ -1,6 +1,6 @@
 """The tools of the synthetic tool-use task: their OpenAI definitions and real implementations.
 
-The model learns to call exactly these tools (issue 3); the agent graphs run the same
+The model learns to call exactly these tools; the agent graphs run the same
 implementations, so a call the model emits and the result the graph feeds back have the shape
 the model was trained on. Results are compact JSON objects; numbers are formatted by
 ``format_number`` so that the model only ever copies them, never computes them.

@@ -185,6 +185,25 @@ def register(uri: str, name: str, run_id: str, tags: dict[str, Any] | None = Non
     return str(version.version)
 
 
+def register_run(uri: str, name: str, run_id: str) -> str:
+    """:func:`register` a run that a user names (``rayplane models register``, a sweep's
+    best): refused with a SpecError naming ``run_id`` when it is no run of this server or has
+    no model folder."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(uri)
+    try:
+        c.get_run(run_id)
+    except MlflowException:
+        raise SpecError(f"run_id: {run_id!r} is not an MLflow run at {uri}",
+                        field="run_id") from None
+    files = [a.path for a in c.list_artifacts(run_id, MODEL_ARTIFACT)]
+    if not any(p.endswith("config.json") for p in files):
+        raise SpecError(f"run_id: run {run_id} has no '{MODEL_ARTIFACT}' artifact with a "
+                        "config.json (train.fit and train.tune log one)", field="run_id")
+    return register(uri, name, run_id)
+
+
 def _model_exists(c, name: str) -> None:
     from mlflow.exceptions import MlflowException
 

@@ -1,4 +1,4 @@
-"""``python -m train.tune --config SWEEP``: a Ray Tune sweep over the training run (issue 3).
+"""``python -m train.tune --config SWEEP``: a Ray Tune sweep over the training run.
 
 Each trial is a training run of the same code as ``train.fit`` (a ``TorchTrainer`` of
 ``train.loop.train_loop_per_worker`` on the base config's pool), with the learning rate,

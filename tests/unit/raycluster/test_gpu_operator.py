@@ -1,4 +1,4 @@
-"""The GPU Operator's configuration from the catalog (issue 5): the device plugin's
+"""The GPU Operator's configuration from the catalog: the device plugin's
 time-slicing entries and the MIG layouts are what the pools' node labels select, the MIG
 layouts are the operator's own, the ClusterPolicy validates against the operator's CRD, and the
 Helm values agree with it."""
@@ -8,13 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import jsonschema
-import pytest
 import yaml
 
-from raycluster.catalog import MIG_CONFIG_LABEL, Catalog, SharingMode, load_catalog
-from raycluster.environments import load_environment
+from raycluster.catalog import MIG_CONFIG_LABEL, Catalog, SharingMode
 from raycluster.gpu_operator import (
     DEVICE_PLUGIN_CONFIG,
+    GPU_OPERATOR_VERSION,
     MIG_PARTED_CONFIG,
     render_cluster_policy,
     render_device_plugin_config,
@@ -23,16 +22,6 @@ from raycluster.gpu_operator import (
 
 REPO = Path(__file__).resolve().parents[3]
 HELM = REPO / "infra" / "helm"
-
-
-@pytest.fixture(scope="module")
-def catalog():
-    return load_catalog()
-
-
-@pytest.fixture(scope="module")
-def env():
-    return load_environment("production")
 
 
 def test_time_slice_pools_select_an_entry_with_their_replicas(catalog, env):
@@ -124,7 +113,7 @@ def test_helm_charts_are_pinned_and_match_the_schemas(env):
         assert not any(c in version for c in "^~*x><") and version != "latest"
         assert (HELM / release["values"]).is_file(), release["values"]
     by_name = {r["name"]: r for r in charts}
-    assert by_name["gpu-operator"]["version"] == "v26.7.0"  # shared/schemas/gpu-operator-v26.7.0
+    assert by_name["gpu-operator"]["version"] == GPU_OPERATOR_VERSION == "v26.7.0"  # shared/schemas
     assert by_name["kuberay-operator"]["version"] == env.kuberay_version  # kuberay-v1.7.0
 
 

@@ -1,4 +1,4 @@
-"""KubeRay objects from the catalog (issue 5): worker groups carry their pool's placement,
+"""KubeRay objects from the catalog: worker groups carry their pool's placement,
 GPU resource and Ray resources; token auth and GCS FT are on; the same serve config becomes
 the RayService's serveConfigV2; bad input is refused with the field named."""
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raycluster.catalog import Catalog, load_catalog
-from raycluster.environments import ClusterSpec, Environment, RayServiceSpec, load_environment
+from raycluster.catalog import Catalog
+from raycluster.environments import ClusterSpec, RayServiceSpec
 from raycluster.kuberay import (
     AUTH_SECRET,
     render_raycluster,
@@ -21,19 +21,11 @@ from raycluster.kuberay import (
     serve_groups,
 )
 from raycluster.spec import SpecError
+from serve.builder import to_serve_config
+from serve.config import ServeAppConfig
 
 REPO = Path(__file__).resolve().parents[3]
 EKS_SERVE = REPO / "serve" / "configs" / "eks-vllm.yaml"
-
-
-@pytest.fixture(scope="module")
-def catalog() -> Catalog:
-    return load_catalog()
-
-
-@pytest.fixture(scope="module")
-def env() -> Environment:
-    return load_environment("production")
 
 
 def cluster(groups: list[dict], namespace: str = "training", **kw) -> ClusterSpec:
@@ -143,6 +135,18 @@ def test_a_gpu_request_larger_than_a_node_of_the_pool(catalog, env):
                           f"node of pool 'a100-mig' holds ({units} units")
 
 
+def test_a_group_sized_unlike_the_pools_worker_holds_what_its_shape_fits(catalog):
+    pool = catalog.pool("cpu")
+    node = pool.instance
+    cpus, memory = 1, max(1, pool.worker.memory_gib // 4)
+    group = cluster([{"pool": "cpu", "cpus": cpus, "memory_gib": memory}]).worker_groups[0]
+    shape = resolve_group(catalog, group, "clusters[0].worker_groups[0]")
+    per_node = min(node.vcpus // cpus, node.memory_gib // memory)
+    assert pool.workers_per_node_of(gpu_units=0, cpus=cpus, memory_gib=memory) == per_node
+    assert shape.max_replicas == per_node * pool.max_nodes
+    assert per_node > pool.workers_per_node, "a smaller worker packs more pods on a node"
+
+
 def test_several_time_slice_replicas_in_one_pod(catalog, env):
     with pytest.raises(SpecError) as err:
         resolve_group(catalog, cluster([{"pool": "a100-timeslice", "gpu_units": 2}])
@@ -191,17 +195,15 @@ def test_two_groups_with_one_name(catalog, env):
 
 @pytest.fixture(scope="module")
 def serve_cfg():
-    from serve.config import ServeAppConfig
-
     return ServeAppConfig.from_file(EKS_SERVE)
 
 
 def test_the_rayservice_carries_the_serve_config_unchanged(catalog, env, serve_cfg):
     svc = RayServiceSpec.parse({"config": "serve/configs/eks-vllm.yaml"})
-    serve_config = serve_cfg.to_serve_config(catalog)
+    serve_config = to_serve_config(serve_cfg, catalog)
     obj = render_rayservice(catalog, env, svc, serve_cfg, serve_config)
     # The same document `serve deploy` takes locally.
-    assert yaml.safe_load(obj["spec"]["serveConfigV2"]) == serve_cfg.to_serve_config(catalog)
+    assert yaml.safe_load(obj["spec"]["serveConfigV2"]) == to_serve_config(serve_cfg, catalog)
     assert obj["spec"]["upgradeStrategy"] == {"type": "NewCluster"}
     cluster_spec = obj["spec"]["rayClusterConfig"]
     assert cluster_spec["gcsFaultToleranceOptions"]["redisAddress"] == env.redis_address
@@ -225,7 +227,7 @@ def test_the_rayservice_carries_the_serve_config_unchanged(catalog, env, serve_c
 
 
 def test_the_rayservice_ingress_is_haproxy_unless_asked_for_rays_proxy(catalog, env, serve_cfg):
-    serve_config = serve_cfg.to_serve_config(catalog)
+    serve_config = to_serve_config(serve_cfg, catalog)
 
     def flags(svc):
         cluster_spec = render_rayservice(catalog, env, svc, serve_cfg,
@@ -256,12 +258,33 @@ def _serve_variant(serve_cfg, **model_changes):
 
 
 @pytest.mark.parametrize("pool_name", ["a100-mig", "a100-timeslice"])
-def test_tensor_parallelism_on_shared_gpu_units(catalog, serve_cfg, pool_name):
+def test_tensor_parallelism_on_shared_gpu_units(catalog, env, serve_cfg, pool_name):
+    """Refused on the render path, by the serve config's own placement check, before any
+    worker group is sized: the file and the model's field are named."""
+    from raycluster.render import render_service
+
     cfg = _serve_variant(serve_cfg, pool=pool_name, tensor_parallel_size=2)
+    svc = RayServiceSpec.parse({"config": "x.yaml"})
     with pytest.raises(SpecError) as err:
-        serve_groups(catalog, cfg, field="services[0].config(x.yaml)")
+        render_service(catalog, env, svc, cfg, field="services[0]")
     assert str(err.value).startswith(
-        f"services[0].config(x.yaml).models[0].tensor_parallel_size: 2 on pool '{pool_name}'")
+        "services[0].config(x.yaml): models[0].tensor_parallel_size: 2 needs whole GPUs, but "
+        f"pool '{pool_name}' cannot give them")
+    assert err.value.field == "models[0].tensor_parallel_size"
+
+
+@pytest.mark.parametrize("pool_name", ["a100-mig", "a100-timeslice"])
+def test_tensor_parallelism_of_a_cpu_engine_model_is_refused_by_the_serve_config(pool_name):
+    """tensor_parallel_size is a vLLM setting: on a CPU-engine model the serve config refuses
+    it by name, before any worker group is sized for GPUs the engine would never use."""
+    with pytest.raises(SpecError) as err:
+        ServeAppConfig.parse({
+            "models": [{"name": "m", "source": "/models/m", "pool": pool_name, "engine": "cpu",
+                        "tensor_parallel_size": 2}],
+            "allow_unauthenticated": True, "http": {"host": "0.0.0.0"}}, source="x.yaml")
+    assert str(err.value) == ("x.yaml: models[0].tensor_parallel_size: is a vllm setting and "
+                              "this model's engine is 'cpu'; remove it or set engine: vllm")
+    assert err.value.field.startswith("models[0]")
 
 
 def test_a_replica_larger_than_a_node(catalog, serve_cfg):
@@ -279,7 +302,7 @@ def test_a_serve_config_bound_to_localhost_is_refused(catalog, env, serve_cfg):
     cfg = type(serve_cfg).parse(data)
     svc = RayServiceSpec.parse({"config": "x.yaml"})
     with pytest.raises(SpecError, match=r"service\.config\(x\.yaml\)\.http\.host: '127\.0\.0\.1'"):
-        render_rayservice(catalog, env, svc, cfg, cfg.to_serve_config(catalog))
+        render_rayservice(catalog, env, svc, cfg, to_serve_config(cfg, catalog))
 
 
 # -- RayJob / RayCronJob from a training config ---------------------------------------------

@@ -7,8 +7,9 @@ import socket
 
 import pytest
 
-from raycluster.cli import UserError
+from raycluster.errors import PlatformError
 from raycluster.local import DEFAULT_PORTS, LocalCluster, free_port
+from raycluster.spec import SpecError
 
 
 def test_node_plan_derives_from_the_catalog(tmp_path):
@@ -27,7 +28,7 @@ def test_up_refuses_a_port_taken_by_something_else(tmp_path):
         taken = squatter.getsockname()[1]
         ports = {name: free_port() for name in DEFAULT_PORTS} | {"dashboard": taken}
         cluster = LocalCluster(state_dir=tmp_path, ports=ports)
-        with pytest.raises(UserError, match=rf"port {taken} \(dashboard\) is in use by another "
+        with pytest.raises(PlatformError, match=rf"port {taken} \(dashboard\) is in use by another "
                                             r"process.*RAYPLANE_DASHBOARD_PORT"):
             cluster.up()
     assert cluster.state() is None, "nothing was started"
@@ -38,8 +39,9 @@ def test_down_without_a_platform_does_nothing(tmp_path):
 
 
 def test_serve_proxy_must_be_one_rayplane_knows(tmp_path):
-    with pytest.raises(UserError, match=r"serve_proxy: 'nginx' is not one of haproxy, ray"):
+    with pytest.raises(SpecError, match=r"serve_proxy: 'nginx' is not one of haproxy, ray") as err:
         LocalCluster(state_dir=tmp_path, serve_proxy="nginx")
+    assert err.value.field == "serve_proxy"
 
 
 def test_rayplane_up_refuses_an_unknown_serve_proxy_with_exit_2(tmp_path):

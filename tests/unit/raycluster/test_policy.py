@@ -1,4 +1,4 @@
-"""Cluster policy from the catalog (issue 5): restricted, meshed namespaces; default-deny
+"""Cluster policy from the catalog: restricted, meshed namespaces; default-deny
 NetworkPolicies with the platform's allows; the design's priority classes and quotas, GPU
 quotas in each pool's resource name; LimitRanges; PodDisruptionBudgets."""
 
@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import ipaddress
 
-import pytest
-
-from raycluster.catalog import load_catalog
-from raycluster.environments import load_environment
 from raycluster.policy import (
     render_head_pdb,
     render_limit_ranges,
@@ -22,16 +18,6 @@ from raycluster.policy import (
 
 DESIGN_PRIORITIES = {"production-inference": 1000, "critical-agents": 900, "training": 500,
                      "research": 100, "development": 50}
-
-
-@pytest.fixture(scope="module")
-def catalog():
-    return load_catalog()
-
-
-@pytest.fixture(scope="module")
-def env():
-    return load_environment("production")
 
 
 def test_five_namespaces_restricted_and_meshed(catalog, env):

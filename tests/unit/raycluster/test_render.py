@@ -1,14 +1,13 @@
-"""The rendered folder (issue 5): it equals the committed infra/k8s (drift), every core object
+"""The rendered folder: it equals the committed infra/k8s (drift), every core object
 validates against the Kubernetes OpenAPI schema of the targeted EKS version, every KubeRay and
 GPU Operator object against its CRD, every pod template meets the `restricted` Pod Security
-Standard, checkov passes with each skip justified in place, and the CLI writes and applies."""
+Standard, and the CLI writes and refuses bad input. (checkov's scan of this folder is in
+tests/integration/test_checkov.py, the server-side apply in tests/e2e/test_apply.py.)"""
 
 from __future__ import annotations
 
 import copy
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +17,6 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from raycluster.catalog import load_catalog
-from raycluster.environments import load_environment
 from raycluster.render import (
     KIND_ORDER,
     file_name,
@@ -29,23 +26,13 @@ from raycluster.render import (
     render_objects,
     write_objects,
 )
+from tests.support.infra import pod_templates
 
 REPO = Path(__file__).resolve().parents[3]
 COMMITTED = REPO / "infra" / "k8s"
-CHECKOV = "checkov==3.3.30"
 CRD_KINDS = {"RayCluster", "RayJob", "RayService", "RayCronJob", "ClusterPolicy"}
 #: Objects of operators whose CRDs are not in shared/schemas; checked for shape below.
 OTHER_CRD_KINDS = {"ExternalSecret", "ClusterSecretStore", "Application"}
-
-
-@pytest.fixture(scope="module")
-def catalog():
-    return load_catalog()
-
-
-@pytest.fixture(scope="module")
-def env():
-    return load_environment("production")
 
 
 @pytest.fixture(scope="module")
@@ -229,27 +216,6 @@ def restricted_violations(pod_spec: dict) -> list[str]:
     return out
 
 
-def pod_templates(obj: dict) -> list[tuple[str, dict]]:
-    """Every pod template inside an object (head and worker groups, RayJob submitters, at
-    any depth: RayCronJob -> jobTemplate -> rayClusterSpec)."""
-    found = []
-
-    def walk(node, path):
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key in ("template", "submitterPodTemplate") and isinstance(value, dict) \
-                        and "containers" in value.get("spec", {}):
-                    found.append((f"{path}.{key}", value))
-                else:
-                    walk(value, f"{path}.{key}")
-        elif isinstance(node, list):
-            for i, value in enumerate(node):
-                walk(value, f"{path}[{i}]")
-
-    walk(obj.get("spec", {}), f"{obj['kind']}/{obj['metadata']['name']}.spec")
-    return found
-
-
 def test_every_pod_template_meets_the_restricted_profile(objects):
     templates = [t for o in objects for t in pod_templates(o)]
     assert len(templates) >= 6
@@ -283,53 +249,6 @@ def test_the_restricted_check_catches_a_privileged_pod():
 def test_namespaces_enforce_restricted(objects):
     for ns in (o for o in objects if o["kind"] == "Namespace"):
         assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
-
-
-# -- static scan ---------------------------------------------------------------------------
-
-
-def _uvx() -> str | None:
-    for candidate in (REPO / ".tools" / "bin" / "uvx", Path("/work/main/.tools/bin/uvx")):
-        if candidate.is_file():
-            return str(candidate)
-    return shutil.which("uvx")
-
-
-@pytest.mark.skipif(_uvx() is None, reason="uvx is not installed (.tools/bin/uvx): checkov "
-                                           "runs in its own environment through it")
-@pytest.mark.timeout(600)
-def test_checkov_passes_on_the_rendered_folder_and_its_pod_templates(tmp_path, objects):
-    """checkov knows Pods but not KubeRay's CRDs, so every pod template is also written out as
-    a Pod beside the rendered folder; skips are checkov.io/skipN annotations on the templates,
-    each with its reason."""
-    scan = tmp_path / "scan"
-    write_objects(objects, scan, "production")
-    pods = []
-    for obj in objects:
-        for i, (_, template) in enumerate(pod_templates(obj)):
-            meta = template.get("metadata", {})
-            pods.append({"apiVersion": "v1", "kind": "Pod",
-                         "metadata": {"name": f"{obj['metadata']['name']}-{i}",
-                                      "namespace": obj["metadata"]["namespace"], **meta},
-                         "spec": template["spec"]})
-    (scan / "zz-pod-templates.yaml").write_text(yaml.safe_dump_all(pods))
-    cmd = [_uvx(), "--from", CHECKOV, "checkov", "-d", str(scan), "--framework", "kubernetes",
-           "--compact", "--skip-download", "-o", "json"]
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=540,
-                          env={**os.environ, "BC_SKIP_MAPPING": "TRUE"})
-    start = proc.stdout.find("{")
-    assert start >= 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    report = yaml.safe_load(proc.stdout[start:])
-    results = report["results"]
-    failed = [f"{r['check_id']} {r['resource']}" for r in results.get("failed_checks", [])]
-    assert failed == [], "\n".join(failed)
-    assert report["summary"]["passed"] > 100
-    skipped = results.get("skipped_checks", [])
-    assert skipped, "expected the justified skips to be reported"
-    for r in skipped:
-        reason = r["check_result"].get("suppress_comment", "")
-        assert len(reason) > 20, f"{r['check_id']}: skipped without a reason"
-    assert {r["check_id"] for r in skipped} >= {"CKV_K8S_38", "CKV_K8S_43"}
 
 
 # -- the CLI -------------------------------------------------------------------------------
@@ -380,20 +299,11 @@ def test_apply_cli_refuses_a_missing_kubeconfig_in_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+
 def test_apply_cli_refuses_a_folder_without_manifests(tmp_path):
     proc = _rayplane("apply", str(tmp_path), "--kubeconfig", str(tmp_path / "k"))
     assert proc.returncode == 2
     assert "no Kubernetes objects" in proc.stderr
-
-
-@pytest.mark.skipif(not os.environ.get("RAYPLANE_E2E_KUBECONFIG"),
-                    reason="needs a Kubernetes cluster with the operators of infra/helm: set "
-                           "RAYPLANE_E2E_KUBECONFIG to its kubeconfig")
-def test_apply_server_side_dry_run_against_a_cluster():
-    proc = _rayplane("apply", str(COMMITTED), "--kubeconfig",
-                     os.environ["RAYPLANE_E2E_KUBECONFIG"], "--dry-run")
-    assert proc.returncode == 0, proc.stderr
-    assert re.search(r"\d+ objects validated \(dry run\)", proc.stdout)
 
 
 # -- the environment spec ------------------------------------------------------------------

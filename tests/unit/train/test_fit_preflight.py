@@ -3,26 +3,14 @@ worker (or Ray itself) starts."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 from train import fit, tune
 
 REPO = Path(__file__).resolve().parents[3]
 CI = str(REPO / "train" / "configs" / "ci.yaml")
-
-
-@pytest.fixture
-def dead_mlflow() -> str:
-    """A loopback port nothing listens on (bound, then closed)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
 
 
 def run_main(main, argv, capsys) -> tuple[int, str]:

@@ -1,0 +1,295 @@
+"""The pods of a KubeRay cluster: containers, volumes, mounts, environment and resources,
+the head and worker group specs, the RayJob submitter's pod, and the API keys a Serve pod
+reads. Every pod meets the ``restricted`` Pod Security Standard; a worker group's pods carry
+their pool's node selector, tolerations, GPU resource and ``rayStartParams``."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from raycluster.catalog import Catalog, Pool
+from raycluster.environments import Environment
+from raycluster.kuberay.sizing import GroupShape, check_worker_fits_pool
+from raycluster.policy import (
+    AUTOSCALER_METRICS_PORT,
+    CLUSTER_LABEL,
+    DASHBOARD_PORT,
+    GCS_PORT,
+    METRICS_PORT,
+    NODE_TYPE_LABEL,
+    RAY_NODE_LABEL,
+    ROLE_LABEL,
+    SERVE_PORT,
+    check_fits_quota,
+    checkov_skips,
+    container_security_context,
+    cpu_quantity,
+    pod_security_context,
+)
+from serve.config import ServeAppConfig
+
+#: Secret (key ``auth_token``) with the cluster token; External Secrets fills it from AWS
+#: Secrets Manager (raycluster.render), so KubeRay does not mint one per cluster and users
+#: can reach every cluster of a namespace with one token.
+AUTH_SECRET = "rayplane-ray-auth"
+AUTH_SECRET_KEY = "auth_token"
+#: Secret (key ``password``) with the Redis AUTH token for GCS fault tolerance.
+REDIS_SECRET = "rayplane-redis"
+#: Secret (key ``keys``) with the OpenAI endpoint's API keys, filled by External Secrets.
+API_KEYS_SECRET = "rayplane-serve-api-keys"
+API_KEYS_SECRET_KEY = "keys"
+#: ServiceAccount of Ray pods in each namespace; IRSA gives it the S3 role (Terraform's
+#: workload_identities trust exactly <namespace>/ray).
+SERVICE_ACCOUNT = "ray"
+#: PersistentVolumeClaim of the shared EFS volume (datasets, checkpoints) in each namespace.
+SHARED_CLAIM = "rayplane-shared"
+HOME = "/home/ray"
+
+
+def _quote_resources(resources: dict[str, float]) -> str:
+    """rayStartParams ``resources``: KubeRay pastes the value into the ``ray start`` shell
+    command, so the JSON goes in double quotes with its own quotes escaped."""
+    body = json.dumps({k: (int(v) if float(v).is_integer() else v)
+                       for k, v in sorted(resources.items())})
+    return '"' + body.replace('"', '\\"') + '"'
+
+
+def _shm_size(memory_gib: int) -> str:
+    # Ray's object store defaults to 30% of memory and lives in /dev/shm.
+    return f"{max(1, math.ceil(memory_gib * 0.3))}Gi"
+
+
+def _volumes(env: Environment, memory_gib: int) -> list[dict]:
+    return [
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "home-scratch", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": _shm_size(memory_gib)}},
+        {"name": "shared", "persistentVolumeClaim": {"claimName": SHARED_CLAIM}},
+    ]
+
+
+def _mounts(env: Environment) -> list[dict]:
+    # The root filesystem is read-only; Ray writes session dirs, logs and spilled objects
+    # under /tmp, and libraries write caches and config under the home folder.
+    return [
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "home-scratch", "mountPath": f"{HOME}/.cache", "subPath": "cache"},
+        {"name": "home-scratch", "mountPath": f"{HOME}/.config", "subPath": "config"},
+        {"name": "home-scratch", "mountPath": f"{HOME}/.ray", "subPath": "ray"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "shared", "mountPath": env.storage.mount_path},
+    ]
+
+
+def _env_vars(env: Environment, pool: Pool) -> list[dict]:
+    out = [
+        {"name": "RAYPLANE_ENV", "value": env.name},
+        {"name": "RAYPLANE_POOL", "value": pool.name},
+        {"name": "RAYPLANE_SHARED_DIR", "value": env.storage.mount_path},
+        # Ray Train checkpoints must be on storage every node sees: the EFS volume.
+        {"name": "RAYPLANE_STORAGE_PATH", "value": f"{env.storage.mount_path}/runs"},
+        {"name": "RAYPLANE_ARTIFACTS_BUCKET", "value": env.storage.artifacts_bucket},
+        {"name": "MLFLOW_TRACKING_URI", "value": env.mlflow_tracking_uri},
+        {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+    ]
+    if pool.has_gpu:
+        # What one GPU unit may use (MIG: the instance; time-slicing: an equal share), for
+        # vLLM's gpu_memory_utilization and torch's per-process memory fraction.
+        out.append({"name": "RAYPLANE_GPU_MEMORY_GB", "value": f"{pool.memory_per_unit_gb:g}"})
+        out.append({"name": "RAYPLANE_GPU_FRACTION",
+                    "value": f"{pool.gpu_fraction_per_unit:.4f}"})
+    return out
+
+
+def _resources(cpus: int, memory_gib: int, gpu_resource: str | None, gpu_units: int) -> dict:
+    # Requests equal limits: Guaranteed QoS, so a busy neighbour never evicts a Ray node.
+    amounts = {"cpu": cpu_quantity(cpus), "memory": f"{memory_gib}Gi"}
+    if gpu_resource and gpu_units:
+        amounts[gpu_resource] = str(gpu_units)
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def _pod_template(env: Environment, *, cluster: str, namespace: str, node_type: str,
+                  pool: Pool, container: dict, memory_gib: int, priority_class: str,
+                  extra_labels: dict[str, str] | None = None) -> dict:
+    labels = {RAY_NODE_LABEL: "true", CLUSTER_LABEL: cluster, NODE_TYPE_LABEL: node_type,
+              "rayplane.io/pool": pool.name, **(extra_labels or {})}
+    spec: dict[str, Any] = {
+        "serviceAccountName": SERVICE_ACCOUNT,
+        # Only the head needs an API token: its autoscaler sidecar scales the worker groups.
+        "automountServiceAccountToken": node_type == "head",
+        "priorityClassName": priority_class,
+        "nodeSelector": dict(pool.node_selector),
+        "securityContext": pod_security_context(),
+        "containers": [container],
+        "volumes": _volumes(env, memory_gib),
+    }
+    tolerations = [t.toleration() for t in pool.taints]
+    if tolerations:
+        spec["tolerations"] = tolerations
+    return {"metadata": {"labels": labels, "annotations": checkov_skips(node_type)},
+            "spec": spec}
+
+
+def _ray_container(env: Environment, *, name: str, pool: Pool, cpus: int, memory_gib: int,
+                   gpu_units: int, ports: list[dict], worker: bool) -> dict:
+    container: dict[str, Any] = {
+        "name": name,
+        "image": env.images.image(gpu=pool.has_gpu),
+        "imagePullPolicy": env.images.pull_policy,
+        "env": _env_vars(env, pool),
+        "ports": ports,
+        "resources": _resources(cpus, memory_gib, pool.kubernetes_resource, gpu_units),
+        "securityContext": container_security_context(),
+        "volumeMounts": _mounts(env),
+    }
+    if worker:
+        # Leave the cluster cleanly (tasks rescheduled, objects released) before SIGTERM.
+        container["lifecycle"] = {"preStop": {"exec": {"command": ["/bin/sh", "-c",
+                                                                   "ray stop"]}}}
+    return container
+
+
+def _port(name: str, port: int) -> dict:
+    return {"name": name, "containerPort": port, "protocol": "TCP"}
+
+
+def head_group_spec(catalog: Catalog, env: Environment, *, cluster: str, namespace: str,
+                    priority_class: str, cpus: int | None, memory_gib: int | None,
+                    serve: bool, field: str) -> dict:
+    pool = catalog.head_pool
+    cpus = cpus or pool.worker.cpus
+    memory = memory_gib or pool.worker.memory_gib
+    check_worker_fits_pool(pool, gpu_units=0, cpus=cpus, memory_gib=memory,
+                           field=f"{field}.head")
+    check_fits_quota(catalog, namespace, cpus=cpus, memory_gib=memory, gpu_units=0,
+                     field=f"{field}.head", what="the head pod")
+    ports = [_port("gcs-server", GCS_PORT), _port("dashboard", DASHBOARD_PORT),
+             _port("client", 10001), _port("metrics", METRICS_PORT),
+             _port("as-metrics", AUTOSCALER_METRICS_PORT)]
+    if serve:
+        ports.append(_port("serve", SERVE_PORT))
+    container = _ray_container(env, name="ray-head", pool=pool, cpus=cpus, memory_gib=memory,
+                               gpu_units=0, ports=ports, worker=False)
+    return {
+        "serviceType": "ClusterIP",
+        "rayStartParams": {
+            "dashboard-host": "0.0.0.0",
+            # The head schedules no tasks: a busy head loses its GCS heartbeats first.
+            "num-cpus": "0",
+            "metrics-export-port": str(METRICS_PORT),
+        },
+        "template": _pod_template(env, cluster=cluster, namespace=namespace, node_type="head",
+                                  pool=pool, container=container, memory_gib=memory,
+                                  priority_class=priority_class),
+    }
+
+
+def worker_group_spec(env: Environment, shape: GroupShape, *, cluster: str, namespace: str,
+                      priority_class: str) -> dict:
+    pool = shape.pool
+    ports = [_port("metrics", METRICS_PORT)]
+    if shape.serve:
+        ports.append(_port("serve", SERVE_PORT))
+    container = _ray_container(env, name="ray-worker", pool=pool, cpus=shape.cpus,
+                               memory_gib=shape.memory_gib, gpu_units=shape.gpu_units,
+                               ports=ports, worker=True)
+    params = {"num-cpus": str(shape.cpus),
+              "resources": _quote_resources(shape.ray_resources),
+              "metrics-export-port": str(METRICS_PORT)}
+    if pool.has_gpu:
+        # A time-slice replica or a MIG instance is one CUDA device to the process.
+        params["num-gpus"] = str(shape.gpu_units)
+    return {
+        "groupName": shape.name,
+        "replicas": shape.min_replicas,
+        "minReplicas": shape.min_replicas,
+        "maxReplicas": shape.max_replicas,
+        "idleTimeoutSeconds": shape.idle_timeout_seconds,
+        "rayStartParams": dict(sorted(params.items())),
+        "template": _pod_template(env, cluster=cluster, namespace=namespace,
+                                  node_type="worker", pool=pool, container=container,
+                                  memory_gib=shape.memory_gib, priority_class=priority_class,
+                                  extra_labels=shape.extra_labels),
+    }
+
+
+def submitter_template(env: Environment, name: str, namespace: str) -> dict:
+    """The submitter Job's pod (K8sJobMode). Given explicitly so that it meets `restricted`
+    too; the token is read from a mounted file (RAY_AUTH_TOKEN_PATH), not an env var."""
+    pool_image = env.images.image(gpu=False)
+    return {
+        "metadata": {"labels": {ROLE_LABEL: "ray-submitter", CLUSTER_LABEL: name},
+                     "annotations": checkov_skips("submitter")},
+        "spec": {
+            "restartPolicy": "Never",
+            "serviceAccountName": SERVICE_ACCOUNT,
+            "automountServiceAccountToken": False,
+            "securityContext": pod_security_context(),
+            "containers": [{
+                "name": "ray-job-submitter",
+                "image": pool_image,
+                "imagePullPolicy": env.images.pull_policy,
+                "env": [{"name": "RAY_AUTH_MODE", "value": "token"},
+                        {"name": "RAY_AUTH_TOKEN_PATH",
+                         "value": f"/var/run/secrets/ray/{AUTH_SECRET_KEY}"},
+                        {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"}],
+                "resources": {"requests": {"cpu": "500m", "memory": "512Mi"},
+                              "limits": {"cpu": "1", "memory": "1Gi"}},
+                "securityContext": container_security_context(),
+                "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"},
+                                 {"name": "home-scratch", "mountPath": f"{HOME}/.cache",
+                                  "subPath": "cache"},
+                                 {"name": "home-scratch", "mountPath": f"{HOME}/.ray",
+                                  "subPath": "ray"},
+                                 {"name": "ray-token", "mountPath": "/var/run/secrets/ray",
+                                  "readOnly": True}],
+            }],
+            "volumes": [{"name": "tmp", "emptyDir": {}},
+                        {"name": "home-scratch", "emptyDir": {}},
+                        {"name": "ray-token", "secret": {"secretName": AUTH_SECRET,
+                                                         "defaultMode": 0o440}}],
+        },
+    }
+
+
+def api_key_wiring(serve_cfg: ServeAppConfig, template: dict) -> None:
+    """Hand the API keys to the Serve pods from the Secret External Secrets fills: as the env
+    variable or the file the serve config names."""
+    keys = serve_cfg.api_keys
+    if keys is None:
+        return
+    spec = template["spec"]
+    container = spec["containers"][0]
+    if keys.env:
+        container["env"].append({"name": keys.env, "valueFrom": {"secretKeyRef": {
+            "name": API_KEYS_SECRET, "key": API_KEYS_SECRET_KEY}}})
+        annotations = template["metadata"]["annotations"]
+        annotations[f"checkov.io/skip{len(annotations) + 1}"] = (
+            "CKV_K8S_35=the serve config reads its API keys from an env variable "
+            "(api_keys.env); the value comes from a Secret filled by External Secrets")
+    if keys.file:
+        folder, _, name = keys.file.rpartition("/")
+        spec["volumes"].append({"name": "api-keys", "secret": {
+            "secretName": API_KEYS_SECRET, "defaultMode": 0o440,
+            "items": [{"key": API_KEYS_SECRET_KEY, "path": name}]}})
+        container["volumeMounts"].append({"name": "api-keys", "mountPath": folder or "/",
+                                          "readOnly": True})
+
+
+__all__ = [
+    "API_KEYS_SECRET",
+    "API_KEYS_SECRET_KEY",
+    "AUTH_SECRET",
+    "AUTH_SECRET_KEY",
+    "HOME",
+    "REDIS_SECRET",
+    "SERVICE_ACCOUNT",
+    "SHARED_CLAIM",
+    "api_key_wiring",
+    "head_group_spec",
+    "submitter_template",
+    "worker_group_spec",
+]

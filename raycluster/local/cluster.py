@@ -1,0 +1,423 @@
+"""The local platform's lifecycle: ``LocalCluster`` plans a Ray node per pool from the
+catalog, starts them one at a time with MLflow (and Prometheus when asked) beside them, waits
+until each is ready, reports status, and stops exactly what it started.
+
+``LocalCluster.attach(state_dir)`` is the one way to reach a platform that is already up: it
+comes back with the ports and options the platform was started with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from raycluster.catalog import Catalog, load_catalog
+from raycluster.errors import PlatformError
+from raycluster.local.dashboard import (
+    Dashboard,
+    node_summary,
+    wait_for_nodes,
+    wait_http,
+)
+from raycluster.local.processes import (
+    ManagedProcess,
+    free_port,
+    kill_group,
+    port_is_free,
+    stop_group,
+    stop_sessions,
+)
+from raycluster.local.services import (
+    haproxy_env,
+    mlflow_command,
+    prometheus_command,
+)
+from raycluster.local.state import (
+    AUTH_MODE_ENV,
+    AUTH_TOKEN_PATH_ENV,
+    DEFAULT_PORTS,
+    OPTIONAL_PORTS,
+    PORT_ENV,
+    SERVE_PROXIES,
+    LocalState,
+    NodePlan,
+    default_state_dir,
+    write_secret,
+)
+from raycluster.spec import SpecError
+
+#: How often one Ray node is started before the start gives up: ``ray start`` gives a raylet
+#: 30 s to register, which a loaded 2-core machine can miss.
+NODE_START_ATTEMPTS = 5
+
+
+class LocalCluster:
+    """The local platform rooted at a state folder (default ``./.rayplane``)."""
+
+    def __init__(self, state_dir: Path | None = None, catalog: Catalog | None = None,
+                 catalog_path: Path | None = None, ports: dict[str, int] | None = None,
+                 workers_per_pool: int = 2, metrics: bool = False,
+                 serve_proxy: str = "haproxy"):
+        if serve_proxy not in SERVE_PROXIES:
+            raise SpecError(f"serve_proxy: {serve_proxy!r} is not one of "
+                            f"{', '.join(SERVE_PROXIES)}", field="serve_proxy")
+        self.state_dir = (state_dir or default_state_dir()).resolve()
+        self.catalog_path = catalog_path
+        self.catalog = catalog or load_catalog(catalog_path)
+        self.ports = {**DEFAULT_PORTS,
+                      **{k: int(os.environ[v]) for k, v in PORT_ENV.items() if v in os.environ},
+                      **(ports or {})}
+        # A GPU pool's local node stands for this many KubeRay workers of the pool, so a
+        # multi-worker (DDP) run fits on it.
+        self.workers_per_pool = workers_per_pool
+        # Metrics: a real Prometheus scraping every Ray node through Ray's service discovery
+        # file; the dashboard's metrics views query it.
+        self.metrics = metrics
+        self.serve_proxy = serve_proxy
+        self._haproxy_ports: tuple[int, int] | None = None  # stats, exporter: one pair per up
+
+    @classmethod
+    def attach(cls, state_dir: Path | None = None) -> LocalCluster:
+        """The platform recorded in ``state_dir``, with the ports and options it was started
+        with (or the defaults when nothing was started there)."""
+        state_dir = (state_dir or default_state_dir()).resolve()
+        st = LocalState.load(state_dir)
+        if st is None:
+            return cls(state_dir)
+        return cls(state_dir, catalog_path=Path(st.catalog) if st.catalog else None,
+                   ports=st.ports, workers_per_pool=st.workers_per_pool, metrics=st.metrics,
+                   serve_proxy=st.serve_proxy)
+
+    # -- paths and addresses ------------------------------------------------------------
+
+    @property
+    def token_path(self) -> Path:
+        return self.state_dir / "auth_token"
+
+    @property
+    def api_key_path(self) -> Path:
+        return self.state_dir / "api_key"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def temp_dir(self) -> Path:
+        # Ray's Unix sockets live under the temp dir and their paths must stay short (107
+        # bytes), so the temp dir is under /tmp, one per state folder.
+        digest = hashlib.sha1(str(self.state_dir).encode()).hexdigest()[:10]
+        return Path("/tmp") / f"rayplane-{os.getuid()}-{digest}"
+
+    @property
+    def haproxy_dir(self) -> Path:
+        # HAProxy's Unix sockets go in <this>/<56-char node id>/ and HAProxy allows 97 bytes,
+        # which the Ray temp dir plus the node id would exceed.
+        return Path("/tmp") / f"rphap-{self.temp_dir.name.rsplit('-', 1)[1]}"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.ports['gcs']}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['dashboard']}"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return f"http://127.0.0.1:{self.ports['mlflow']}"
+
+    @property
+    def prometheus_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['prometheus']}"
+
+    @property
+    def serve_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['serve']}"
+
+    @property
+    def agents_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['agents']}"
+
+    def env(self) -> dict[str, str]:
+        """Environment for a client of this cluster (``ray job submit``, the SDKs, tests)."""
+        env = {
+            "RAY_ADDRESS": self.dashboard_url,
+            AUTH_MODE_ENV: "token",
+            AUTH_TOKEN_PATH_ENV: str(self.token_path),
+            "MLFLOW_TRACKING_URI": self.mlflow_uri,
+            "OPENAI_BASE_URL": f"{self.serve_url}/v1",
+            "RAYPLANE_STATE_DIR": str(self.state_dir),
+            "RAYPLANE_SERVE_PORT": str(self.ports["serve"]),
+            "RAYPLANE_API_KEY_FILE": str(self.api_key_path),
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
+        if self.catalog_path:
+            env["RAYPLANE_CATALOG"] = str(Path(self.catalog_path).resolve())
+        return env
+
+    # -- the dashboard ------------------------------------------------------------------
+
+    @property
+    def dashboard(self) -> Dashboard:
+        return Dashboard(self.dashboard_url, self.token_path)
+
+    def auth_headers(self) -> dict[str, str]:
+        return self.dashboard.auth_headers()
+
+    def get_json(self, path: str, timeout: float = 5.0) -> dict:
+        return self.dashboard.get_json(path, timeout)
+
+    def alive_nodes(self) -> list[dict]:
+        """Alive Ray nodes from the state API: node id, pool label, resources."""
+        return self.dashboard.alive_nodes()
+
+    # -- the node plan (derived from the catalog) ---------------------------------------
+
+    def node_plan(self) -> list[NodePlan]:
+        cores = os.cpu_count() or 1
+        head = self.catalog.head_pool
+        plan = [NodePlan(pool=head.name, role="head", num_cpus=cores,
+                         resources={head.ray_resource: float(cores)}, object_store_mb=1024)]
+        for pool in self.catalog.gpu_pools:
+            plan.append(NodePlan(pool=pool.name, role="worker", num_cpus=0,
+                                 resources=pool.ray_resources(self.workers_per_pool),
+                                 object_store_mb=512))
+        return plan
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def state(self) -> LocalState | None:
+        return LocalState.load(self.state_dir)
+
+    def is_up(self) -> bool:
+        st = self.state()
+        return bool(st and st.processes and all(p.alive() for p in st.processes))
+
+    def up(self, timeout: float = 180.0,
+           progress: Callable[[str], object] | None = None) -> LocalState:
+        """Start the platform; a no-op when this state folder's platform is already up."""
+        existing = self.state()
+        if existing and existing.processes:
+            if all(p.alive() for p in existing.processes):
+                self.ports = existing.ports
+                self.metrics = existing.metrics
+                self.workers_per_pool = existing.workers_per_pool
+                self.serve_proxy = existing.serve_proxy
+                return existing
+            # Part of an earlier platform is still running (or died): clean it up first.
+            self.down()
+        self._check_ports_free()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.logs_dir.mkdir(exist_ok=True)
+        write_secret(self.token_path, secrets.token_hex(32))
+        if not self.api_key_path.exists():
+            write_secret(self.api_key_path, "rp-" + secrets.token_urlsafe(32))
+        temp_dir = self.temp_dir
+        temp_dir.mkdir(parents=True, exist_ok=True)
+        st = LocalState(state_dir=str(self.state_dir), ports=dict(self.ports),
+                        temp_dir=str(temp_dir),
+                        catalog=str(self.catalog_path) if self.catalog_path else None,
+                        metrics=self.metrics,
+                        workers_per_pool=self.workers_per_pool, serve_proxy=self.serve_proxy)
+        st.save()
+        step = progress or (lambda msg: None)
+        try:
+            if self.metrics:
+                step("starting Prometheus")
+                st.processes.append(self._spawn("prometheus", prometheus_command(
+                    self.state_dir / "prometheus", temp_dir, self.ports["prometheus"])))
+                st.save()
+                self._wait_http(f"{self.prometheus_url}/-/ready", timeout, st, "Prometheus")
+            plan = self.node_plan()
+            st.nodes = [asdict(n) for n in plan]
+            for joined, node in enumerate(plan, start=1):
+                self._start_node(node, joined, st, timeout, step)
+            step("starting the MLflow tracking server")
+            argv, st.mlflow_backend_uri, st.mlflow_artifacts = mlflow_command(
+                self.state_dir / "mlflow", self.ports["mlflow"])
+            st.processes.append(self._spawn("mlflow", argv))
+            st.save()
+            self._wait_http(f"{self.mlflow_uri}/health", timeout, st, "MLflow")
+        except BaseException:
+            self.down()
+            raise
+        return st
+
+    def _start_node(self, node: NodePlan, joined: int, st: LocalState, timeout: float,
+                    step: Callable[[str], object]) -> None:
+        """Start one Ray node and wait until ``joined`` nodes are alive.
+
+        One node at a time, and a node that missed its registration is started again (up to
+        NODE_START_ATTEMPTS tries in all): ``ray start`` gives a raylet 30 s to register,
+        which a loaded 2-core machine can miss when several start at once."""
+        temp_dir = Path(st.temp_dir)
+        step(f"starting Ray {node.role} node for pool {node.pool}")
+        for attempt in range(1, NODE_START_ATTEMPTS + 1):
+            proc = self._start_ray_node(node, temp_dir)
+            st.processes.append(proc)
+            st.save()
+            try:
+                if node.role == "head":
+                    self._wait_http(f"{self.dashboard_url}/api/version", timeout, st,
+                                    "Ray dashboard", headers=self.auth_headers())
+                wait_for_nodes(self.dashboard, joined, timeout, processes=st.processes,
+                               logs=self.logs_dir)
+                return
+            except PlatformError:
+                if proc.alive() or attempt == NODE_START_ATTEMPTS:
+                    raise
+                # What the failed `ray start` left behind (its group is ours) goes, and so
+                # does its record of a running cluster, before the next try.
+                kill_group(proc.pid)
+                (temp_dir / "ray_current_cluster").unlink(missing_ok=True)
+                st.processes.remove(proc)
+                st.save()
+                step(f"Ray {node.role} node for pool {node.pool} missed its start "
+                     f"(try {attempt} of {NODE_START_ATTEMPTS}); starting it again")
+                time.sleep(2 * attempt)
+
+    def down(self, timeout: float = 30.0) -> list[str]:
+        """Stop exactly the process groups this state folder recorded; returns their names."""
+        st = self.state()
+        if st is None:
+            return []
+        stopped = []
+        # Reverse start order: MLflow, workers, then the head (GCS last).
+        for proc in reversed(st.processes):
+            if stop_group(proc, timeout):
+                stopped.append(proc.name)
+        # Ray workers lead process groups of their own inside the session of the `ray start`
+        # that spawned them, and a child a worker started (HAProxy, after a reload) outlives
+        # its worker; every process left in one of the sessions rayplane started goes too.
+        stop_sessions({proc.pid for proc in st.processes}, timeout=5.0)
+        st.path.unlink(missing_ok=True)
+        shutil.rmtree(st.temp_dir, ignore_errors=True)
+        shutil.rmtree(self.haproxy_dir, ignore_errors=True)
+        return stopped
+
+    # -- process starting ---------------------------------------------------------------
+
+    def _process_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            AUTH_MODE_ENV: "token",
+            AUTH_TOKEN_PATH_ENV: str(self.token_path),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            # Jobs run `python -m ...`: the cluster's interpreter (this venv) comes first.
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+            "MLFLOW_TRACKING_URI": self.mlflow_uri,
+            "RAYPLANE_STATE_DIR": str(self.state_dir),
+        })
+        env.pop("RAY_ADDRESS", None)
+        return env
+
+    def _spawn(self, name: str, argv: list[str],
+               extra_env: dict[str, str] | None = None) -> ManagedProcess:
+        """Start ``argv`` in a session of its own (its pid is its group), logging to
+        ``logs/<name>.log``."""
+        log = self.logs_dir / f"{name}.log"
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL,
+                                    env={**self._process_env(), **(extra_env or {})},
+                                    start_new_session=True, cwd=self.state_dir)
+        return ManagedProcess(name=name, pid=proc.pid, argv=argv, log=str(log))
+
+    def _start_ray_node(self, node: NodePlan, temp_dir: Path) -> ManagedProcess:
+        ray = str(Path(sys.executable).parent / "ray")
+        argv = [ray, "start", "--block", "--disable-usage-stats",
+                "--node-ip-address", "127.0.0.1",
+                f"--num-cpus={node.num_cpus}", "--num-gpus=0",
+                f"--resources={json.dumps(node.resources)}",
+                f"--object-store-memory={node.object_store_mb * 1024 * 1024}",
+                f"--labels=rayplane.io/pool={node.pool}"]
+        # Several nodes share this host: each node's agents get their own free ports (Ray's
+        # defaults would collide, leaving a node without a job agent to serve its logs).
+        for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                     "runtime-env-agent-port", "metrics-export-port"):
+            argv.append(f"--{flag}={free_port()}")
+        extra_env: dict[str, str] = self._serve_proxy_env(temp_dir)
+        if node.role == "head":
+            argv += ["--head", f"--port={self.ports['gcs']}",
+                     "--dashboard-host=127.0.0.1", f"--dashboard-port={self.ports['dashboard']}",
+                     f"--ray-client-server-port={self.ports['client']}",
+                     f"--temp-dir={temp_dir}"]
+            if self.metrics:
+                extra_env["RAY_PROMETHEUS_HOST"] = self.prometheus_url
+        else:
+            # The nodes share the head's session folder, and a node's log monitor forwards
+            # every worker log in it: with one monitor per node each line of a job's workers
+            # reached `ray job submit` once per node. The head's monitor forwards them all.
+            argv += [f"--address={self.address}", "--include-log-monitor=False"]
+        return self._spawn(f"ray-{node.role}-{node.pool}", argv, extra_env)
+
+    def _serve_proxy_env(self, temp_dir: Path) -> dict[str, str]:
+        """What every node of this start needs for Serve's ingress: nothing on Ray's proxy;
+        on HAProxy its files in this platform's folder and one pair of free ports for its
+        stats page and exporter, the same for every node (``services.haproxy_env``)."""
+        if self.serve_proxy != "haproxy":
+            return {}
+        if self._haproxy_ports is None:  # one pair for every node of this start
+            self._haproxy_ports = (free_port(), free_port())
+        return haproxy_env(self.haproxy_dir, *self._haproxy_ports)
+
+    # -- readiness ----------------------------------------------------------------------
+
+    def _check_ports_free(self) -> None:
+        for name, port in self.ports.items():
+            if name in OPTIONAL_PORTS and not getattr(self, OPTIONAL_PORTS[name]):
+                continue
+            if not port_is_free(port):
+                raise PlatformError(
+                    f"port {port} ({name}) is in use by another process; stop it or choose "
+                    f"another port with {PORT_ENV[name]}=<port>")
+
+    def _wait_http(self, url: str, timeout: float, st: LocalState, what: str,
+                   headers: dict | None = None) -> None:
+        wait_http(url, timeout, what, processes=st.processes, logs=self.logs_dir,
+                  headers=headers)
+
+    # -- status -------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        """URLs, files and nodes, for people (``rayplane status``) and scripts (``--json``)."""
+        st = self.state()
+        up = self.is_up()
+        info: dict = {
+            "up": up,
+            "state_dir": str(self.state_dir),
+            "ray_address": self.address,
+            "dashboard": self.dashboard_url,
+            "serve": self.serve_url,
+            "serve_proxy": self.serve_proxy,
+            "openai_base_url": f"{self.serve_url}/v1",
+            "mlflow": self.mlflow_uri,
+            "agents": self.agents_url,
+            "prometheus": self.prometheus_url if st and st.metrics else None,
+            "token_file": str(self.token_path),
+            "api_key_file": str(self.api_key_path),
+            "processes": [{"name": p.name, "pid": p.pid, "alive": p.alive()}
+                          for p in (st.processes if st else [])],
+            "nodes": [],
+        }
+        if up:
+            try:
+                for n in self.alive_nodes():
+                    info["nodes"].append(node_summary(n))
+            except (urllib.error.URLError, OSError, KeyError):
+                pass
+        return info
+
+
+__all__ = ["NODE_START_ATTEMPTS", "LocalCluster"]
