@@ -1,4 +1,4 @@
-"""Training throughput: one Ray Train worker against a plain PyTorch loop (issue 3).
+"""Training throughput: one Ray Train worker against a plain PyTorch loop.
 
 The same model (the demo size unless ``--config`` says otherwise), the same tokenized task,
 the same batches, optimizer and thread count, measured in the same run and alternated in

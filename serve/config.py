@@ -1,29 +1,22 @@
 """The serve config: which models an OpenAI application serves, from where, on which pool,
 with which engine and autoscaling, and where its API keys come from.
 
-``ServeAppConfig.from_file(path)`` validates a YAML file (one-line errors naming the field);
-``to_serve_config(catalog)`` renders the Ray Serve config that ``serve deploy`` takes and that
-a KubeRay RayService carries as ``serveConfigV2`` -- one pure function, no I/O, so what is
-deployed locally and on EKS is the same document. ``pin_versions()`` (the CLI's step before
-deploying) turns ``models:/NAME@alias`` into the version the alias points at now, so that
-promoting a new version and redeploying changes the config and Serve rolls the replicas.
+Schema only: ``ServeAppConfig.from_file(path)`` validates a YAML file (one-line errors naming
+the field). What is done with a valid config lives beside it: ``serve.builder`` renders the Ray
+Serve config (a pure function, the same document locally and on EKS), ``serve.registry``
+resolves registry aliases against MLflow, ``serve.deploy`` deploys to a cluster.
 """
 
 from __future__ import annotations
 
 import re
 from enum import StrEnum
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from raycluster.catalog import Catalog, Pool
-from raycluster.spec import Spec, SpecError
+from raycluster.spec import Spec
 
-#: Import path of the application builder for each engine (``serve deploy``'s import_path).
-APP_BUILDERS = {"cpu": "serve.app:build_app", "vllm": "serve.engines.vllm:build_app"}
-INGRESS_DEPLOYMENT = "OpenAIIngress"
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _REGISTRY = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
 
@@ -182,6 +175,18 @@ class ModelSpec(Spec):
                                  "rayplane checks it against the pool")
         return v
 
+    @model_validator(mode="after")
+    def _engine_fields(self) -> ModelSpec:
+        """The vLLM-only fields mean nothing to the CPU engine: set on a cpu model they would
+        size its pods for GPUs it never uses, so they are refused by name."""
+        if self.engine is EngineKind.cpu:
+            for name, unset in (("tensor_parallel_size", 1), ("gpu_units", 1),
+                                ("gpu_memory_utilization", None), ("engine_kwargs", {})):
+                if getattr(self, name) != unset:
+                    raise ValueError(f"{name}: is a vllm setting and this model's engine is "
+                                     "'cpu'; remove it or set engine: vllm")
+        return self
+
     @property
     def deployment_name(self) -> str:
         return "model-" + re.sub(r"[^A-Za-z0-9_-]", "-", self.name)
@@ -292,159 +297,8 @@ class ServeAppConfig(Spec):
     def engine(self) -> EngineKind:
         return self.models[0].engine
 
-    # -- rendering -------------------------------------------------------------------------
-
-    def to_serve_config(self, catalog: Catalog) -> dict[str, Any]:
-        """The Ray Serve config (``serve deploy`` / RayService ``serveConfigV2``)."""
-        ingress_pool = catalog.pool(self.ingress.pool, "ingress.pool")
-        for i, m in enumerate(self.models):
-            pool = catalog.pool(m.pool, f"models[{i}].pool")
-            if m.engine is EngineKind.vllm:
-                from serve.engines.vllm import check_placement
-
-                check_placement(m, pool, f"models[{i}]")
-        if self.engine is EngineKind.vllm:
-            from serve.engines.vllm import vllm_application
-
-            app = vllm_application(self, catalog)
-        else:
-            app = self._cpu_application(catalog, ingress_pool)
-        return {
-            "proxy_location": self.http.proxy_location,
-            "http_options": {"host": self.http.host, "port": self.http.port},
-            "applications": [app],
-        }
-
-    def app_args(self) -> dict[str, Any]:
-        """What the application builder receives (``args`` of the Serve config)."""
-        args: dict[str, Any] = {
-            "models": [{"name": m.name, "source": m.source,
-                        "max_num_seqs": m.max_num_seqs or 16,
-                        "max_model_len": m.max_model_len,
-                        "threads": max(1, round(m.cpus)),
-                        "stream_interval_ms": m.stream_interval_ms,
-                        "deployment": m.deployment_name} for m in self.models],
-            "api_keys": self.api_keys.model_dump() if self.api_keys else None,
-            "mlflow_tracking_uri": self.mlflow_tracking_uri,
-        }
-        if self.ingress.mode is IngressMode.direct:
-            args["ingress_mode"] = IngressMode.direct.value
-        return args
-
-    def _cpu_application(self, catalog: Catalog, ingress_pool: Pool) -> dict[str, Any]:
-        direct = self.ingress.mode is IngressMode.direct
-        deployments = [] if direct else [{
-            "name": INGRESS_DEPLOYMENT,
-            "num_replicas": self.ingress.replicas,
-            "max_ongoing_requests": self.ingress.max_ongoing_requests,
-            "ray_actor_options": _actor_resources(ingress_pool, self.ingress.cpus,
-                                                  units=self.ingress.cpus),
-        }]
-        for m in self.models:
-            pool = catalog.pool(m.pool)
-            max_num_seqs = m.max_num_seqs or 16
-            deployments.append({
-                "name": m.deployment_name,
-                "autoscaling_config": m.autoscaling.serve_options(),
-                # A replica takes twice what it decodes at once: the rest wait in its own
-                # queue, where a slot frees at the next token, not behind another replica.
-                "max_ongoing_requests": 2 * max_num_seqs,
-                "max_queued_requests": m.max_queued_requests,
-                "graceful_shutdown_timeout_s": 30,
-                "health_check_period_s": 5,
-                "health_check_timeout_s": 30,
-                "ray_actor_options": _actor_resources(
-                    pool, m.cpus, units=m.cpus if not pool.has_gpu else 1),
-            })
-        app: dict[str, Any] = {
-            "name": self.name,
-            "route_prefix": self.route_prefix,
-            "import_path": APP_BUILDERS["cpu"],
-            "args": self.app_args(),
-            "deployments": deployments,
-        }
-        if self.mlflow_tracking_uri:
-            app["runtime_env"] = {"env_vars": {"MLFLOW_TRACKING_URI": self.mlflow_tracking_uri}}
-        return app
-
-    # -- registry --------------------------------------------------------------------------
-
-    def pin_versions(self, tracking_uri: str | None = None) -> ServeAppConfig:
-        """A copy whose ``models:/NAME@alias`` sources name the version the alias points at
-        now (``models:/NAME/VERSION``); a missing model or alias is a SpecError naming the
-        field. Deploying the pinned config makes an alias move a config change."""
-        from mlflow import MlflowClient
-        from mlflow.exceptions import MlflowException
-
-        client = MlflowClient(tracking_uri=tracking_uri or self.mlflow_tracking_uri)
-        pinned = self.model_copy(deep=True)
-        for i, m in enumerate(pinned.models):
-            if m.source_kind is not SourceKind.registry:
-                continue
-            name, alias, version = parse_registry_ref(m.source)
-            field = f"models[{i}].source"
-            try:
-                if alias:
-                    version = client.get_model_version_by_alias(name, alias).version
-                else:
-                    client.get_model_version(name, version)
-            except MlflowException as err:
-                raise SpecError(_registry_error(client, field, m.source, name, alias, err),
-                                field=field) from None
-            m.source = f"models:/{name}/{version}"
-        return pinned
-
-    def check_sources(self) -> None:
-        """Refuse a local folder that is not a model folder before anything is deployed."""
-        for i, m in enumerate(self.models):
-            if m.source_kind is SourceKind.folder:
-                path = Path(m.source)
-                if not (path / "config.json").is_file():
-                    raise SpecError(f"models[{i}].source: {m.source!r} is not a Hugging Face "
-                                    "model folder (no config.json)", field=f"models[{i}].source")
-
-
-def _actor_resources(pool: Pool, cpus: float, units: float) -> dict[str, Any]:
-    """Ray actor options of a CPU-engine replica (or the ingress) on ``pool``.
-
-    On the CPU pool it takes ``cpus`` cores and as much of the pool resource (which counts
-    cores there). On a GPU pool it takes pool units and no Ray CPUs: locally those nodes have
-    ``num-cpus 0`` (the head owns the cores), and on EKS a unit's share of the node comes
-    with the unit."""
-    if pool.has_gpu:
-        return {"num_cpus": 0, "resources": {pool.ray_resource: float(units)}}
-    return {"num_cpus": cpus, "resources": {pool.ray_resource: float(units)}}
-
-
-def _registry_error(client, field: str, source: str, name: str, alias: str | None,
-                    err: Exception) -> str:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        model = client.get_registered_model(name)
-    except MlflowException:
-        try:
-            names = sorted(r.name for r in client.search_registered_models(max_results=50))
-        except MlflowException:
-            names = []
-        from raycluster.spec import did_you_mean
-
-        return (f"{field}: {source!r}: no registered model {name!r}{did_you_mean(name, names)}"
-                f"; registered: {', '.join(names) or 'none'}")
-    if alias:
-        aliases = sorted(getattr(model, "aliases", {}) or {})
-        return (f"{field}: {source!r}: model {name!r} has no alias {alias!r}; aliases: "
-                f"{', '.join(aliases) or 'none'}")
-    return f"{field}: {source!r}: {err.message if hasattr(err, 'message') else err}"
-
-
-def load_serve_config(path: str | Path) -> ServeAppConfig:
-    return ServeAppConfig.from_file(path)
-
 
 __all__ = [
-    "APP_BUILDERS",
-    "INGRESS_DEPLOYMENT",
     "ApiKeys",
     "Autoscaling",
     "EngineKind",
@@ -454,7 +308,6 @@ __all__ = [
     "ModelSpec",
     "ServeAppConfig",
     "SourceKind",
-    "load_serve_config",
     "parse_registry_ref",
     "source_kind",
 ]

@@ -9,6 +9,7 @@ the parameter, never a 500.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -230,16 +231,37 @@ class Usage(BaseModel):
     completion_tokens: int = Field(description="Tokens generated over all choices.")
     total_tokens: int = Field(description="prompt_tokens + completion_tokens.")
 
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
 
 class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
+    message: str = Field(description="What went wrong, for a person.")
+    type: str = Field(description="OpenAI's error type, e.g. invalid_request_error.")
+    param: str | None = Field(default=None, description="The request field at fault.")
+    code: str | None = Field(default=None, description="Machine-readable reason.")
 
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error body ``{"error": {message, type, param, code}}``: the one place it is
+    built, for HTTP error responses and for error events inside a started stream alike."""
+    return ErrorResponse(error=ErrorDetail(message=message, type=type, param=param,
+                                           code=code)).model_dump()
+
+
+def sse(obj: Any) -> str:
+    """One server-sent event carrying ``obj`` as compact JSON."""
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
 
 
 class ModelCard(BaseModel):
@@ -261,7 +283,7 @@ def completion_id(kind: str) -> str:
     return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
 
 
-__all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "ContentPart",
-           "ErrorDetail", "ErrorResponse", "FunctionCall", "ModelCard", "ModelList",
-           "NamedToolChoice", "SamplingFields", "StreamOptions", "Tool", "ToolCall", "Usage",
-           "completion_id", "unknown_fields"]
+__all__ = ["SSE_DONE", "ChatCompletionRequest", "ChatMessage", "CompletionRequest",
+           "ContentPart", "ErrorDetail", "ErrorResponse", "FunctionCall",
+           "ModelCard", "ModelList", "NamedToolChoice", "SamplingFields", "StreamOptions", "Tool",
+           "ToolCall", "Usage", "completion_id", "error_body", "sse", "unknown_fields"]

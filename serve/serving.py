@@ -2,9 +2,11 @@
 engine deltas become OpenAI responses and server-sent events (vLLM's ``serving_chat.py`` /
 ``serving_completion.py`` split, one class here).
 
-It runs inside the model's Serve replica (next to the engine, so tokens never cross a process
-boundary one by one) and in-process for the benchmark baseline. Every failure a client can
-cause is an :class:`~serve.engines.base.EngineError` with OpenAI's status and body.
+It works over any :class:`~serve.engines.base.Engine` and runs inside the model's Serve replica
+(next to the engine, so tokens never cross a process boundary one by one). Every failure a
+client can cause is an :class:`~serve.engines.base.EngineError` with OpenAI's status and body;
+a failure after a stream started is an error event in that body's shape followed by
+``[DONE]``, and every choice ends with one of OpenAI's documented finish reasons.
 """
 
 from __future__ import annotations
@@ -17,14 +19,17 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from serve.engines.base import Delta, EngineError, SamplingParams
+from serve.engines.base import Delta, Engine, EngineError, SamplingParams
 from serve.protocol import (
+    SSE_DONE,
     ChatCompletionRequest,
     CompletionRequest,
     ModelCard,
     NamedToolChoice,
     SamplingFields,
+    Usage,
     completion_id,
+    sse,
 )
 from serve.tools import ToolStreamFilter, forced_prefix
 
@@ -61,17 +66,10 @@ class _Prepared:
     echo: list[str] = field(default_factory=list)
 
 
-def sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
-
-
-SSE_DONE = "data: [DONE]\n\n"
-
-
 class OpenAIServing:
     """Chat and text completions for one served model on one engine."""
 
-    def __init__(self, engine, model_name: str, *, root: str | None = None,
+    def __init__(self, engine: Engine, model_name: str, *, root: str | None = None,
                  observer: Observer | None = None, stream_interval_s: float = 0.0):
         self.engine = engine
         #: A stream's tokens after the first are sent at most this often (engine coalescing).
@@ -197,7 +195,6 @@ class OpenAIServing:
 
     async def _run_all(self, prep: _Prepared, request_id: str) -> list[_Choice]:
         n = len(prep.params)
-        choices: list[_Choice] = []
 
         async def one(index: int, prompt: list[int], params: SamplingParams, budget: int):
             ch = _Choice(index=index, prompt_tokens=len(prompt))
@@ -210,12 +207,16 @@ class OpenAIServing:
                 ch.completion_tokens = d.completion_tokens
             return ch
 
-        async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(one(pi * n + j, prompt, params, prep.budgets[pi]))
-                     for pi, prompt in enumerate(prep.prompts)
-                     for j, params in enumerate(prep.params)]
-        choices = [t.result() for t in tasks]
-        return choices
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(one(pi * n + j, prompt, params, prep.budgets[pi]))
+                         for pi, prompt in enumerate(prep.prompts)
+                         for j, params in enumerate(prep.params)]
+        except* EngineError as group:
+            # The request fails as its first failed choice does (its OpenAI status and body),
+            # not as a group of failures no client knows.
+            raise group.exceptions[0] from None
+        return [t.result() for t in tasks]
 
     async def _merged(self, prep: _Prepared, request_id: str
                       ) -> AsyncIterator[tuple[int, Delta]]:
@@ -272,12 +273,10 @@ class OpenAIServing:
                 finish = "tool_calls"
             out.append({"index": ch.index, "message": message, "logprobs": None,
                         "finish_reason": finish})
-        completion = sum(c.completion_tokens for c in choices)
-        prompt = len(prep.prompts[0])
+        usage = Usage.of(len(prep.prompts[0]), sum(c.completion_tokens for c in choices))
         return {"id": completion_id("chat"), "object": "chat.completion",
                 "created": int(time.time()), "model": self.model_name, "choices": out,
-                "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                          "total_tokens": prompt + completion}}
+                "usage": usage.model_dump()}
 
     async def chat_stream(self, req: ChatCompletionRequest, request_id: str = ""
                           ) -> AsyncIterator[str]:
@@ -318,11 +317,9 @@ class OpenAIServing:
             yield SSE_DONE
             return
         if req.include_usage:
-            prompt, completion = len(prep.prompts[0]), sum(tokens.values())
+            usage = Usage.of(len(prep.prompts[0]), sum(tokens.values()))
             yield sse({"id": cid, "object": "chat.completion.chunk", "created": created,
-                       "model": self.model_name, "choices": [],
-                       "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                                 "total_tokens": prompt + completion}})
+                       "model": self.model_name, "choices": [], "usage": usage.model_dump()})
         yield SSE_DONE
 
     # -- text completions ------------------------------------------------------------------
@@ -334,12 +331,11 @@ class OpenAIServing:
         out = [{"index": ch.index,
                 "text": (prep.echo[ch.index // n] if req.echo else "") + ch.text,
                 "logprobs": None, "finish_reason": ch.finish_reason} for ch in choices]
-        prompt = sum(len(p) for p in prep.prompts)
-        completion = sum(c.completion_tokens for c in choices)
+        usage = Usage.of(sum(len(p) for p in prep.prompts),
+                         sum(c.completion_tokens for c in choices))
         return {"id": completion_id("completion"), "object": "text_completion",
                 "created": int(time.time()), "model": self.model_name, "choices": out,
-                "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                          "total_tokens": prompt + completion}}
+                "usage": usage.model_dump()}
 
     async def completion_stream(self, req: CompletionRequest, request_id: str = ""
                                 ) -> AsyncIterator[str]:
@@ -370,13 +366,10 @@ class OpenAIServing:
             yield SSE_DONE
             return
         if req.include_usage:
-            prompt = sum(len(p) for p in prep.prompts)
-            completion = sum(tokens.values())
+            usage = Usage.of(sum(len(p) for p in prep.prompts), sum(tokens.values()))
             yield sse({"id": cid, "object": "text_completion", "created": created,
-                       "model": self.model_name, "choices": [],
-                       "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                                 "total_tokens": prompt + completion}})
+                       "model": self.model_name, "choices": [], "usage": usage.model_dump()})
         yield SSE_DONE
 
 
-__all__ = ["SSE_DONE", "OpenAIServing", "sse"]
+__all__ = ["OpenAIServing", "Observer"]

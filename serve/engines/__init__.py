@@ -1,6 +1,13 @@
-"""Serving engines: ``cpu`` (torch + transformers, continuous batching) and ``vllm``
-(``ray.serve.llm`` on the GPU pools)."""
+"""Serving engines behind one interface (``Engine``, serve/engines/base.py): ``cpu`` (torch +
+transformers, continuous batching) and ``vllm`` (``ray.serve.llm`` on the GPU pools)."""
 
-from serve.engines.base import Delta, EngineError, EngineOverloaded, SamplingParams
+from serve.engines.base import (
+    Delta,
+    Engine,
+    EngineError,
+    EngineOverloaded,
+    EngineStats,
+    SamplingParams,
+)
 
-__all__ = ["Delta", "EngineError", "EngineOverloaded", "SamplingParams"]
+__all__ = ["Delta", "Engine", "EngineError", "EngineOverloaded", "EngineStats", "SamplingParams"]

@@ -1,13 +1,39 @@
-"""What every engine takes and yields: sampling parameters in, token deltas out.
+"""The engine interface: sampling parameters in, token deltas out, and what the layers above
+may ask of an engine (:class:`Engine`).
 
 The OpenAI layer (serve/serving.py) turns a request into a prompt and :class:`SamplingParams`;
 an engine generates and yields :class:`Delta` objects whose ``text`` is final (stop strings
 and incomplete UTF-8 already held back), so the layer above never re-decodes.
+
+Two serving stacks, one contract. The CPU path is rayplane's own: ``CPUEngine``
+(serve/engines/cpu.py) implements :class:`Engine`, ``OpenAIServing`` turns it into OpenAI
+responses, and the model deployment (serve/model_server.py) reports its ``stats()`` and
+``failure()``. The vLLM path (serve/engines/vllm.py) runs Ray's own ``LLMServer`` deployments
+behind Ray's ``OpenAiIngress`` instead, and is measured against the same duties:
+
+- ``generate`` (and the OpenAI layer above it): ``LLMServer.chat`` / ``completions`` hand the
+  request to vLLM's OpenAI serving, which renders the chat template, samples and streams
+  (batched every ``stream_batching_interval_ms``, as ``coalesce_s`` batches here);
+- ``tokenizer`` / ``has_chat_template`` / ``max_model_len`` / ``check``: vLLM's own
+  tokenizer and model config, with the same 400 for a prompt past the context;
+- ``ensure_capacity``: Serve's ``max_ongoing_requests`` / ``max_queued_requests`` (rendered
+  from the serve config) and vLLM's scheduler queue;
+- aborting (closing the ``generate`` stream): vLLM aborts a request whose client went away;
+- ``failure``: ``LLMServer.check_health`` (the replica's health check) asks vLLM's engine;
+- ``stats``: vLLM's Prometheus metrics (``vllm:num_requests_running`` and so on) take the
+  place of :class:`EngineStats`.
+
+What rayplane adds in front of ``LLMServer`` is the same as on the CPU path: API keys
+(serve/auth.py) and OpenAI's error body (``serve.protocol.error_body``).
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from serve.protocol import error_body
 
 
 class EngineError(Exception):
@@ -32,8 +58,8 @@ class EngineError(Exception):
                                         self.param, self.code, self.retry_after))
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
+        """OpenAI's error body (``serve.protocol.error_body``)."""
+        return error_body(self.message, self.type, self.param, self.code)
 
 
 def _rebuild_engine_error(cls, message, status, type_, param, code, retry_after):
@@ -73,7 +99,9 @@ class Delta:
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    #: Set on a sequence's last delta. An engine only ever ends one with "stop" (EOS or a
+    #: stop string) or "length"; a failure is raised as :class:`EngineError` instead.
+    finish_reason: Literal["stop", "length"] | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0  # generated so far (EOS included, as vLLM counts it)
     #: Seconds since the request entered the engine when its first token was produced.
@@ -88,4 +116,57 @@ class Delta:
                      else later.first_token_s)
 
 
-__all__ = ["Delta", "EngineError", "EngineOverloaded", "SamplingParams"]
+@dataclass
+class EngineStats:
+    """An engine's counters (the model deployment's ``/healthz`` entry)."""
+
+    running: int
+    waiting: int
+    finished: int
+    aborted: int
+    generated_tokens: int
+    steps: int
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What ``OpenAIServing`` and the model deployment use of an engine, and nothing more.
+
+    A request is refused before it starts (``check``, ``ensure_capacity``: an
+    :class:`EngineError` with OpenAI's status), then ``generate`` streams its deltas. Closing
+    the ``generate`` stream early aborts the sequence: the engine frees its slot at once. A
+    failure after the stream started is raised from ``generate`` as an :class:`EngineError`
+    (status 500), which the OpenAI layer sends as an error event inside the stream."""
+
+    #: The model's ``transformers`` tokenizer (``apply_chat_template``, ``encode``,
+    #: ``decode``, ``len``).
+    tokenizer: Any
+    #: Longest prompt + completion served, in tokens.
+    max_model_len: int
+
+    @property
+    def has_chat_template(self) -> bool: ...
+
+    def check(self, prompt_ids: list[int], params: SamplingParams,
+              max_tokens_param: str = "max_tokens") -> int:
+        """Refuse what cannot run (400, naming ``max_tokens_param``); the token budget."""
+
+    def ensure_capacity(self, sequences: int = 1) -> None:
+        """Refuse (503 + Retry-After) when ``sequences`` more cannot be queued."""
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "",
+                 *, max_tokens: int | None = None,
+                 coalesce_s: float = 0.0) -> AsyncIterator[Delta]:
+        """Deltas of one sequence until its ``finish_reason``; at most one per
+        ``coalesce_s`` after the first visible text (``inf``: the rest at the end)."""
+
+    def stats(self) -> EngineStats: ...
+
+    def failure(self) -> str | None:
+        """Why the engine cannot serve any more (the replica's health check fails), or None."""
+
+    async def close(self) -> None: ...
+
+
+__all__ = ["Delta", "Engine", "EngineError", "EngineOverloaded", "EngineStats",
+           "SamplingParams"]

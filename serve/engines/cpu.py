@@ -12,12 +12,16 @@ One thread per engine runs an iteration loop (the scheme vLLM and TGI use, here 
 - finished and cancelled sequences leave the batch at once (their KV rows are dropped and the
   all-padding columns trimmed), so a client that disconnects frees its slot.
 
+The batch itself (its tensors, sampling, detokenization) is :class:`DecodeBatch`
+(serve/engines/cpu_batch.py); this module is the engine around it: admission, back-pressure,
+the step thread and the hand-over of deltas to the requests' event loops.
+
 The loop runs on a thread of its own (``cpu-engine``) that steps back to back while it has
 sequences and hands each step's deltas to the event loop of their requests in one callback:
 it never waits for the event loop, which may be busy with HTTP, so a replica serving many
 streams keeps its model busy (torch releases the GIL inside its ops; the event loop and the
-step thread share the rest). Text is detokenized here, with stop strings and incomplete UTF-8
-held back, so every yielded :class:`~serve.engines.base.Delta` is final.
+step thread share the rest). Text is detokenized in the batch, with stop strings and incomplete
+UTF-8 held back, so every yielded :class:`~serve.engines.base.Delta` is final.
 """
 
 from __future__ import annotations
@@ -27,52 +31,14 @@ import collections
 import logging
 import os
 import threading
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from serve.engines.base import Delta, EngineError, EngineOverloaded, SamplingParams
+from serve.engines.base import Delta, EngineError, EngineOverloaded, EngineStats, SamplingParams
+from serve.engines.cpu_batch import DecodeBatch, Seq
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class _Seq:
-    """One sequence (one OpenAI choice) inside the engine."""
-
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    max_tokens: int
-    queue: asyncio.Queue
-    generator: object  # torch.Generator
-    #: The event loop of the request: the step thread hands the deltas over to it.
-    loop: asyncio.AbstractEventLoop | None = None
-    arrival: float = field(default_factory=time.perf_counter)
-    output_ids: list[int] = field(default_factory=list)
-    sent_chars: int = 0
-    # Incremental detokenization (vLLM's scheme): the text of the output so far and the
-    # window of ids it was last decoded from, so a step decodes a few tokens, not all.
-    text: str = ""
-    decode_ids: list[int] = field(default_factory=list)
-    prefix_offset: int = 0
-    read_offset: int = 0
-    first_token_s: float | None = None
-    finished: bool = False
-    #: Set when the last delta is queued, so a coalescing reader never waits past the end.
-    ended: asyncio.Event = field(default_factory=asyncio.Event)
-    aborted: bool = False
-
-
-@dataclass
-class EngineStats:
-    running: int
-    waiting: int
-    finished: int
-    aborted: int
-    generated_tokens: int
-    steps: int
 
 
 class CPUEngine:
@@ -115,19 +81,17 @@ class CPUEngine:
         self.max_waiting = max_waiting if max_waiting is not None else 8 * max_num_seqs
         self._torch = torch
         # Appended by event loops, popped by the step thread (deque's ends are thread-safe).
-        self._waiting: collections.deque[_Seq] = collections.deque()
-        # Batch state, owned by the step thread.
-        self._rows: list[_Seq] = []
-        self._cache = None
-        self._mask = None  # [B, T] 1 = real token, 0 = left padding
-        self._pos = None  # [B] position id of the next token
-        self._last = None  # [B] last sampled token
+        self._waiting: collections.deque[Seq] = collections.deque()
+        #: The running batch, owned by the step thread.
+        self.batch = DecodeBatch(self.model, self.tokenizer, eos_token_ids=eos,
+                                 pad_token_id=self.pad_token_id,
+                                 max_model_len=self.max_model_len)
         self._wake = threading.Event()
         self._closed = False
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._thread_error: BaseException | None = None
-        self._finished = self._aborted = self._generated = self._steps = 0
+        self._aborted = 0
 
     # -- public --------------------------------------------------------------------------
 
@@ -136,10 +100,10 @@ class CPUEngine:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
     def stats(self) -> EngineStats:
-        return EngineStats(running=sum(not s.finished for s in self._rows),
-                           waiting=len(self._waiting), finished=self._finished,
-                           aborted=self._aborted, generated_tokens=self._generated,
-                           steps=self._steps)
+        batch = self.batch
+        return EngineStats(running=batch.running, waiting=len(self._waiting),
+                           finished=batch.finished, aborted=self._aborted,
+                           generated_tokens=batch.generated, steps=batch.steps)
 
     def check(self, prompt_ids: list[int], params: SamplingParams,
               max_tokens_param: str = "max_tokens") -> int:
@@ -194,9 +158,9 @@ class CPUEngine:
         gen = self._torch.Generator()
         gen.manual_seed(params.seed if params.seed is not None
                         else int.from_bytes(os.urandom(8), "little") >> 1)
-        seq = _Seq(request_id=request_id, prompt_ids=list(prompt_ids), params=params,
-                   max_tokens=budget, queue=asyncio.Queue(), generator=gen,
-                   loop=asyncio.get_running_loop())
+        seq = Seq(request_id=request_id, prompt_ids=list(prompt_ids), params=params,
+                  max_tokens=budget, queue=asyncio.Queue(), generator=gen,
+                  loop=asyncio.get_running_loop())
         self._ensure_thread()
         self._waiting.append(seq)
         self._wake.set()
@@ -214,10 +178,12 @@ class CPUEngine:
                 delta = await seq.queue.get()
                 # A reader slower than the engine gets everything produced since its last
                 # read in one delta: streaming never falls behind generation.
-                while not isinstance(delta, EngineErrorDelta) and not seq.queue.empty():
+                while not isinstance(delta, _Failed) and not seq.queue.empty():
                     nxt = seq.queue.get_nowait()
-                    delta = nxt if isinstance(nxt, EngineErrorDelta) else delta.merge(nxt)
-                if isinstance(delta, EngineErrorDelta):
+                    delta = nxt if isinstance(nxt, _Failed) else delta.merge(nxt)
+                if isinstance(delta, _Failed):
+                    # Not a finish reason: the OpenAI layer reports it as an error (an error
+                    # event when the stream has started, else a 500 response).
                     raise EngineError(f"generation failed: {delta.error}", status=500,
                                       type="internal_server_error", code="engine_error")
                 shown = shown or bool(delta.text)
@@ -253,13 +219,13 @@ class CPUEngine:
         _name_os_thread()
         try:
             while not self._closed:
-                if not self._rows and not self._waiting:
+                if not self.batch.rows and not self._waiting:
                     self._wake.clear()
                     if not self._waiting:  # a request added after the clear() sets it again
                         self._wake.wait()
                     continue
-                admitted: list[_Seq] = []
-                while self._waiting and len(self._rows) + len(admitted) < self.max_num_seqs:
+                admitted: list[Seq] = []
+                while self._waiting and len(self.batch.rows) + len(admitted) < self.max_num_seqs:
                     seq = self._waiting.popleft()
                     if not seq.aborted:
                         admitted.append(seq)
@@ -267,27 +233,31 @@ class CPUEngine:
                     results = self._step(admitted)
                 except Exception as err:  # the batch is lost; its sequences get a 500
                     logger.exception("engine step failed")
-                    failed = [s for s in self._rows + admitted if not s.finished]
-                    self._reset_batch()
+                    failed = [s for s in self.batch.rows + admitted if not s.finished]
+                    self.batch.reset()
                     for s in failed:
                         s.finished = True
-                    self._hand_over([(s, EngineErrorDelta(err)) for s in failed])
+                    self._hand_over([(s, _Failed(err)) for s in failed])
                     continue
                 self._hand_over(results)
         except BaseException as err:  # a bug in the loop itself: fail the health check
             self._thread_error = err
             logger.exception("engine loop died")
             # and every open request at once, rather than leave its client waiting
-            for seq in [s for s in self._rows if not s.finished] + list(self._waiting):
+            for seq in [s for s in self.batch.rows if not s.finished] + list(self._waiting):
                 try:
-                    seq.loop.call_soon_threadsafe(_deliver, [(seq, EngineErrorDelta(err))])
+                    seq.loop.call_soon_threadsafe(_deliver, [(seq, _Failed(err))])
                 except RuntimeError:  # that event loop is closed
                     pass
             raise
 
-    def _hand_over(self, results: list[tuple[_Seq, Delta | None]]) -> None:
+    def _step(self, admitted: list[Seq]) -> list[tuple[Seq, Delta | None]]:
+        """One iteration on the step thread (the batch's own step)."""
+        return self.batch.step(admitted)
+
+    def _hand_over(self, results: list[tuple[Seq, Delta | _Failed | None]]) -> None:
         """Give a step's deltas to their requests' event loops, one callback per loop."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Seq, Delta]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Seq, Delta | _Failed]]] = {}
         for seq, delta in results:
             if delta is not None and not seq.aborted:
                 by_loop.setdefault(seq.loop, []).append((seq, delta))
@@ -298,174 +268,21 @@ class CPUEngine:
                 for seq, _ in items:
                     seq.aborted = True
 
-    def _step(self, admitted: list[_Seq]) -> list[tuple[_Seq, Delta | None]]:
-        """One iteration on the worker thread: decode the running batch, prefill the admitted."""
-        torch = self._torch
-        out: list[tuple[_Seq, Delta | None]] = []
-        with torch.inference_mode():
-            self._drop([i for i, s in enumerate(self._rows) if s.finished or s.aborted])
-            if self._rows:
-                attn = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=1)
-                logits = self.model(input_ids=self._last[:, None], attention_mask=attn,
-                                    position_ids=self._pos[:, None],
-                                    past_key_values=self._cache, use_cache=True).logits[:, -1]
-                self._mask = attn
-                self._pos = self._pos + 1
-                tokens = self._sample(logits, self._rows)
-                self._last = torch.tensor(tokens)
-                out += [(s, self._advance(s, t)) for s, t in zip(self._rows, tokens)]
-            if admitted:
-                cache, mask, pos, logits = self._prefill(admitted)
-                tokens = self._sample(logits, admitted)
-                out += [(s, self._advance(s, t)) for s, t in zip(admitted, tokens)]
-                self._merge(cache, mask, pos, torch.tensor(tokens), admitted)
-            self._drop([i for i, s in enumerate(self._rows) if s.finished or s.aborted])
-            self._steps += 1
-        return out
 
-    # -- batch state ---------------------------------------------------------------------
+@dataclass
+class _Failed:
+    """Queued for a sequence instead of a delta when its step failed or the loop died;
+    ``generate`` raises it as a 500 :class:`EngineError`."""
 
-    def _prefill(self, seqs: list[_Seq]):
-        torch = self._torch
-        from transformers import DynamicCache
-
-        width = max(len(s.prompt_ids) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            n = len(s.prompt_ids)
-            ids[i, width - n:] = torch.tensor(s.prompt_ids)
-            mask[i, width - n:] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                            past_key_values=cache, use_cache=True).logits[:, -1]
-        return cache, mask, mask.sum(-1), logits
-
-    def _merge(self, cache, mask, pos, last, seqs: list[_Seq]) -> None:
-        torch = self._torch
-        if not self._rows:
-            self._cache, self._mask, self._pos, self._last = cache, mask, pos, last
-            self._rows = list(seqs)
-            return
-        width = max(self._mask.shape[1], mask.shape[1])
-
-        def left_pad(t, dim: int):
-            missing = width - t.shape[dim]
-            if missing == 0:
-                return t
-            shape = list(t.shape)
-            shape[dim] = missing
-            return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-        for old, new in zip(self._cache.layers, cache.layers):
-            old.keys = torch.cat([left_pad(old.keys, 2), left_pad(new.keys, 2)], dim=0)
-            old.values = torch.cat([left_pad(old.values, 2), left_pad(new.values, 2)], dim=0)
-        self._mask = torch.cat([left_pad(self._mask, 1), left_pad(mask, 1)], dim=0)
-        self._pos = torch.cat([self._pos, pos])
-        self._last = torch.cat([self._last, last])
-        self._rows += seqs
-
-    def _drop(self, rows: list[int]) -> None:
-        if not rows:
-            return
-        torch = self._torch
-        keep = [i for i in range(len(self._rows)) if i not in set(rows)]
-        if not keep:
-            self._reset_batch()
-            return
-        index = torch.tensor(keep)
-        mask = self._mask[index]
-        # Columns that are padding in every remaining row are dead weight: trim them.
-        start = int((mask.sum(0) > 0).nonzero()[0])
-        for layer in self._cache.layers:
-            layer.keys = layer.keys[index, :, start:]
-            layer.values = layer.values[index, :, start:]
-        self._mask = mask[:, start:]
-        self._pos = self._pos[index]
-        self._last = self._last[index]
-        self._rows = [self._rows[i] for i in keep]
-
-    def _reset_batch(self) -> None:
-        self._rows, self._cache, self._mask, self._pos, self._last = [], None, None, None, None
-
-    # -- sampling and detokenization -------------------------------------------------------
-
-    def _detokenize(self, s: _Seq, token: int) -> None:
-        """Append ``token``'s text to ``s.text``, decoding only a short window: the last few
-        prompt tokens give the first output token its context (a leading space), and a token
-        that ends inside a UTF-8 character waits for the rest."""
-        if not s.decode_ids:
-            context = s.prompt_ids[-4:]
-            s.decode_ids = list(context)
-            s.prefix_offset, s.read_offset = 0, len(context)
-        s.decode_ids.append(token)
-        decode = self.tokenizer.decode
-        before = decode(s.decode_ids[s.prefix_offset:s.read_offset], skip_special_tokens=True)
-        after = decode(s.decode_ids[s.prefix_offset:], skip_special_tokens=True)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            s.text += after[len(before):]
-            s.prefix_offset, s.read_offset = s.read_offset, len(s.decode_ids)
-
-    def _sample(self, logits, seqs: list[_Seq]) -> list[int]:
-        torch = self._torch
-        logits = logits.float()
-        tokens = logits.argmax(-1).tolist()
-        for i, s in enumerate(seqs):
-            p = s.params
-            if p.greedy:
-                continue
-            row = logits[i] / p.temperature
-            if p.top_p < 1.0:
-                sorted_logits, order = row.sort(descending=True)
-                probs = sorted_logits.softmax(-1)
-                # keep the smallest prefix whose mass reaches top_p (always the top token)
-                drop = (probs.cumsum(-1) - probs) > p.top_p
-                sorted_logits[drop] = float("-inf")
-                row = torch.full_like(row, float("-inf")).scatter(0, order, sorted_logits)
-            tokens[i] = int(torch.multinomial(row.softmax(-1), 1, generator=s.generator))
-        return tokens
-
-    def _advance(self, s: _Seq, token: int) -> Delta:
-        s.output_ids.append(token)
-        self._generated += 1
-        if s.first_token_s is None:
-            s.first_token_s = time.perf_counter() - s.arrival
-        finish = None
-        if token in self.eos_token_ids and not s.params.ignore_eos:
-            finish = "stop"
-        else:
-            self._detokenize(s, token)
-        text = s.text
-        if finish is None and s.params.stop:
-            # Only text after what was already sent can hold a new stop string.
-            hits = [k for k in (text.find(stop, max(0, s.sent_chars - len(stop) + 1))
-                                for stop in s.params.stop) if k >= 0]
-            if hits:
-                text = text[:min(hits)]
-                finish = "stop"
-        if finish is None and (len(s.output_ids) >= s.max_tokens
-                               or len(s.prompt_ids) + len(s.output_ids) >= self.max_model_len):
-            finish = "length"
-        upto = len(text)
-        if finish is None:
-            upto -= _held_for_stop(text, s.params.stop)
-        new_text = text[s.sent_chars:upto] if upto > s.sent_chars else ""
-        s.sent_chars = max(s.sent_chars, upto)
-        if finish is not None:
-            s.finished = True
-            self._finished += 1
-        return Delta(text=new_text, token_ids=[token], finish_reason=finish,
-                     prompt_tokens=len(s.prompt_ids), completion_tokens=len(s.output_ids),
-                     first_token_s=s.first_token_s if len(s.output_ids) == 1 else None)
+    error: BaseException
 
 
-def _deliver(items: list[tuple[_Seq, Delta]]) -> None:
+def _deliver(items: list[tuple[Seq, Delta | _Failed]]) -> None:
     """On the request's event loop: queue each delta for its reader."""
-    for seq, delta in items:
+    for seq, item in items:
         if not seq.aborted:
-            seq.queue.put_nowait(delta)
-            if delta.finish_reason is not None:
+            seq.queue.put_nowait(item)
+            if isinstance(item, _Failed) or item.finish_reason is not None:
                 seq.ended.set()
 
 
@@ -479,25 +296,6 @@ def _name_os_thread(name: bytes = b"cpu-engine") -> None:
         ctypes.CDLL(None, use_errno=True).prctl(15, name, 0, 0, 0)  # 15: PR_SET_NAME
     except (OSError, AttributeError):  # no libc symbols or no prctl (macOS, Windows)
         pass
-
-
-def _held_for_stop(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of ``text`` that could still grow into a stop string."""
-    held = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), held, -1):
-            if text.endswith(stop[:k]):
-                held = k
-                break
-    return held
-
-
-class EngineErrorDelta(Delta):
-    """Put on a sequence's queue when its step failed; ``generate`` raises it as a 500."""
-
-    def __init__(self, err: Exception):
-        super().__init__(finish_reason="error")
-        self.error = err
 
 
 __all__ = ["CPUEngine", "EngineStats"]

@@ -27,9 +27,10 @@ def test_vllm_app_serves_the_model_folder(tmp_path, monkeypatch):
     from ray import serve
 
     from raycluster.catalog import load_catalog
-    from serve import testing as tm
+    from serve.builder import to_serve_config
     from serve.config import ServeAppConfig
     from serve.engines.vllm import build_app
+    from tests.support import tiny_model as tm
 
     folder = tm.make_tiny_model(tmp_path / "model")
     keys = tmp_path / "keys"
@@ -38,7 +39,7 @@ def test_vllm_app_serves_the_model_folder(tmp_path, monkeypatch):
         "models": [{"name": "tiny-chat", "source": str(folder), "pool": "a100-timeslice",
                     "engine": "vllm", "max_model_len": 256}],
         "api_keys": {"file": str(keys)}})
-    (app,) = cfg.to_serve_config(load_catalog())["applications"]
+    (app,) = to_serve_config(cfg, load_catalog())["applications"]
     (llm,) = app["args"]["llm_configs"]
     assert llm["engine_kwargs"]["gpu_memory_utilization"] == 0.3  # a third of the GPU
     llm["accelerator_type"] = None  # whatever GPU this machine has stands in for the A100

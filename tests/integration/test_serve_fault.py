@@ -6,27 +6,20 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
-from pathlib import Path
 
 import openai
 import pytest
 from openai import OpenAI
 
-from serve import testing as tm
+from tests.integration.conftest import rayplane
+from tests.support import tiny_model as tm
 
 REGISTERED = "serve-fault-tiny"
 APP, PREFIX, DEPLOYMENT = "fault-tests", "/fault-tests", "model-tiny-chat"
 pytestmark = pytest.mark.timeout(900)
-
-
-def rayplane(env: dict, *args: str, timeout: float = 420) -> subprocess.CompletedProcess:
-    return subprocess.run([str(Path(sys.executable).parent / "rayplane"), *args], env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def serve_details(local_cluster) -> dict:
@@ -41,6 +34,7 @@ def replicas(local_cluster) -> list[dict]:
     return (app.get("deployments") or {}).get(DEPLOYMENT, {}).get("replicas", [])
 
 
+@pytest.mark.slow
 def test_killed_replica_costs_no_request_and_recovers(local_cluster, cluster_env, tmp_path):
     tm.register_model(tm.cached_tiny_model("1"), REGISTERED,
                       tracking_uri=local_cluster.mlflow_uri)

@@ -2,7 +2,7 @@
 streaming) and LangChain, against the local platform (real Ray nodes, MLflow, HTTP).
 
 The model is a tiny GPT-2 in the platform's format, trained to reproduce a few conversations
-(serve/testing.py), registered in the fixture's MLflow server as ``runs:/<run_id>/model`` and
+(tests/support/tiny_model.py), registered in the fixture's MLflow server as ``runs:/<run_id>/model`` and
 deployed with ``rayplane serve up`` from ``models:/NAME@champion``.
 """
 
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,19 +18,14 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from serve import testing as tm
+from tests.integration.conftest import rayplane
+from tests.support import tiny_model as tm
 
 MODEL = "tiny-chat"
 REGISTERED = "serve-openai-tiny"
 APP = "openai-tests"
 PREFIX = "/openai-tests"
 pytestmark = pytest.mark.timeout(900)
-
-
-def rayplane(env: dict, *args: str, timeout: float = 420) -> subprocess.CompletedProcess:
-    cli = Path(sys.executable).parent / "rayplane"
-    return subprocess.run([str(cli), *args], env=env, capture_output=True, text=True,
-                          check=False, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

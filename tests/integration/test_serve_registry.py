@@ -3,24 +3,16 @@ redeploying serves the new version; a missing alias is refused before anything d
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 from mlflow import MlflowClient
 from openai import OpenAI
 
-from serve import testing as tm
+from tests.integration.conftest import rayplane
+from tests.support import tiny_model as tm
 
 REGISTERED = "serve-registry-tiny"
 APP, PREFIX = "registry-tests", "/registry-tests"
 pytestmark = pytest.mark.timeout(900)
-
-
-def rayplane(env: dict, *args: str, timeout: float = 420) -> subprocess.CompletedProcess:
-    return subprocess.run([str(Path(sys.executable).parent / "rayplane"), *args], env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def ask_version(client: OpenAI) -> tuple[str, str]:
@@ -29,6 +21,7 @@ def ask_version(client: OpenAI) -> tuple[str, str]:
     return r.choices[0].message.content, client.models.list().data[0].model_extra["root"]
 
 
+@pytest.mark.slow
 def test_promoting_a_version_and_redeploying_serves_it(local_cluster, cluster_env, tmp_path):
     v1 = tm.register_model(tm.cached_tiny_model("1"), REGISTERED,
                            tracking_uri=local_cluster.mlflow_uri)

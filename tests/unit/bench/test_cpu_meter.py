@@ -3,40 +3,30 @@ put where it was spent (the clients' share is this process's own CPU)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[3]
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("serve_bench", REPO / "bench/serve_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["serve_bench"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from bench.cpu_meter import CpuMeter
+from bench.stats import Summary
 
 
 @pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux's /proc")
-def test_meter_puts_this_process_cpu_under_clients(bench):
+def test_meter_puts_this_process_cpu_under_clients():
     def cpu_s() -> float:
         t = os.times()
         return t.user + t.system
 
-    with bench.CpuMeter("no-such-app") as meter:
+    with CpuMeter("no-such-app") as meter:
         start = cpu_s()
         while cpu_s() - start < 0.3:  # 0.3 s of CPU, however long the machine takes
             sum(range(10_000))
         spent = cpu_s() - start
-    run = bench.Summary(system="t", concurrency=1, stream=True, requests=1, failures=0,
-                        duration_s=1.0, request_throughput=1.0, output_tokens_per_s=100.0,
-                        ttft_ms_p50=0, ttft_ms_p99=0, itl_ms_p50=0, itl_ms_p99=0,
-                        tpot_ms_p50=0, e2e_ms_p50=0, e2e_ms_p99=0, errors=[])
+    run = Summary(system="t", concurrency=1, stream=True, requests=1, failures=0,
+                  duration_s=1.0, request_throughput=1.0, output_tokens_per_s=100.0,
+                  ttft_ms_p50=0, ttft_ms_p99=0, itl_ms_p50=0, itl_ms_p99=0,
+                  tpot_ms_p50=0, e2e_ms_p50=0, e2e_ms_p99=0, errors=[])
     result = meter.result(run)
     cores = result["cores"]
     wall = spent / cores["clients (openai, this process)"]

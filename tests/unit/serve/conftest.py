@@ -9,6 +9,6 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
-    from serve.testing import cached_tiny_model
+    from tests.support.tiny_model import cached_tiny_model
 
     return cached_tiny_model("1")

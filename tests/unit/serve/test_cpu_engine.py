@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from serve import testing as tm
 from serve.engines.base import EngineError, EngineOverloaded, SamplingParams
 from serve.engines.cpu import CPUEngine
+from tests.support import tiny_model as tm
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,9 @@ def test_coalescing_starts_after_the_first_visible_text(engine):
     """A first token without text (here: held back as the start of a stop string) does not
     make the client wait ``coalesce_s`` for the text that follows it."""
     ids = chat_ids(engine, tm.GREETING)
-    first = tm.GREETING_REPLY[:1]
+    # The text of the reply's first token, held back whole by a stop string it starts.
+    first, _, _ = asyncio.run(run(engine, ids, SamplingParams(max_tokens=1, temperature=0)))
+    assert first and tm.GREETING_REPLY.startswith(first)
     budget = engine.max_model_len - len(ids) - 1
     held = SamplingParams(max_tokens=budget, temperature=0, ignore_eos=True,
                           stop=[first + "\x00never"])
@@ -251,3 +253,25 @@ def test_dead_engine_loop_fails_open_requests_and_the_health_check(tiny_model):
     assert "SystemError" in (engine.failure() or "")
     with pytest.raises(EngineOverloaded):
         asyncio.run(run(engine, ids, params))
+
+
+def test_cpu_engine_implements_the_engine_protocol(engine):
+    """CPUEngine is an ``Engine`` (what OpenAIServing and the model deployment use), with the
+    protocol's signatures, not only its names."""
+    import inspect
+
+    from serve.engines.base import Engine, EngineStats
+
+    assert isinstance(engine, Engine)
+    for name, member in vars(Engine).items():
+        if name.startswith("_") or not callable(member):
+            continue
+        want = inspect.signature(member)
+        got = inspect.signature(getattr(CPUEngine, name))
+        assert list(got.parameters) == list(want.parameters), name
+        assert [p.kind for p in got.parameters.values()] == \
+            [p.kind for p in want.parameters.values()], name
+        assert inspect.iscoroutinefunction(getattr(CPUEngine, name)) == \
+            inspect.iscoroutinefunction(member), name
+    assert isinstance(engine.stats(), EngineStats)
+    assert isinstance(engine.max_model_len, int) and engine.has_chat_template

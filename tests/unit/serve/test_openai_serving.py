@@ -9,12 +9,12 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from serve import testing as tm
 from serve.engines.base import EngineError
 from serve.engines.cpu import CPUEngine
 from serve.protocol import ChatCompletionRequest, CompletionRequest, unknown_fields
 from serve.serving import OpenAIServing
 from serve.tools import ToolStreamFilter, forced_prefix, parse_tool_calls
+from tests.support import tiny_model as tm
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,7 @@ def test_too_long_prompt_is_refused_before_the_stream_starts(serving):
 def test_api_keys_from_env_and_file_with_rotation(tmp_path, monkeypatch):
     import os
 
-    from serve.app import ApiKeyStore
+    from serve.auth import ApiKeyStore
 
     keys = tmp_path / "keys"
     keys.write_text("# comment\nrp-file-key\n")
@@ -173,3 +173,69 @@ def test_api_keys_from_env_and_file_with_rotation(tmp_path, monkeypatch):
     keys.write_text("")
     with pytest.raises(RuntimeError, match="refusing to serve without keys"):
         ApiKeyStore(env="RP_KEYS", file=str(keys))
+
+
+def failing_after(engine: CPUEngine, good_steps: int) -> CPUEngine:
+    """``engine`` whose step fails (a bad kernel, out of memory) after ``good_steps``."""
+    step, calls = engine._step, []
+
+    def step_then_fail(admitted):
+        calls.append(1)
+        if len(calls) > good_steps:
+            raise RuntimeError("kernel exploded")
+        return step(admitted)
+
+    engine._step = step_then_fail
+    return engine
+
+
+def test_engine_failure_mid_stream_is_an_error_event_not_a_finish_reason(tiny_model):
+    """Tokens went out, then the engine failed: the stream carries an error event in OpenAI's
+    shape and ends with [DONE]; no choice ever ends with a finish reason outside OpenAI's
+    documented set (there is no finish_reason "error")."""
+    from serve.protocol import ErrorResponse
+
+    serving = OpenAIServing(failing_after(CPUEngine(tiny_model, max_num_seqs=4), 3), "tiny")
+    events = sse_events(asyncio.run(collect(serving.chat_stream(
+        chat(stream=True, max_tokens=40)))))
+    assert events[-1] == "[DONE]"
+    error = ErrorResponse.model_validate(events[-2])
+    assert events[-2] == {"error": error.error.model_dump()}
+    assert (error.error.type, error.error.code) == ("internal_server_error", "engine_error")
+    assert "kernel exploded" in error.error.message
+    chunks = events[:-2]
+    assert any(c["choices"][0]["delta"].get("content") for c in chunks)  # it was mid-stream
+    documented = {None, "stop", "length", "tool_calls", "content_filter", "function_call"}
+    assert {c["choices"][0]["finish_reason"] for c in chunks} <= documented
+
+
+def test_engine_failure_of_a_whole_response_is_a_500_engine_error(tiny_model):
+    """Not streamed: the request fails with the engine's own error (status 500 and OpenAI's
+    body), not with a group of its choices' failures."""
+    serving = OpenAIServing(failing_after(CPUEngine(tiny_model, max_num_seqs=4), 1), "tiny")
+    with pytest.raises(EngineError) as err:
+        asyncio.run(serving.chat(chat(n=2, max_tokens=20)))
+    assert (err.value.status, err.value.code) == (500, "engine_error")
+    assert err.value.body()["error"]["type"] == "internal_server_error"
+
+
+def test_every_error_body_is_built_from_the_protocol_models(tmp_path):
+    """The ingress' responses, the engine's errors and the API-key check (shared with the vLLM
+    middleware) give one shape: {"error": {message, type, param, code}}."""
+    from serve.auth import ApiKeyStore, authenticate
+    from serve.ingress import _error
+    from serve.protocol import ErrorResponse, error_body
+
+    keys = tmp_path / "keys"
+    keys.write_text("rp-good\n")
+    store = ApiKeyStore(file=str(keys))
+    bodies = [EngineError("too long", param="messages", code="context_length_exceeded").body(),
+              authenticate(store, ""), authenticate(store, "Bearer rp-bad"),
+              json.loads(_error(404, "no such model", param="model").body)]
+    for body in bodies:
+        assert body == ErrorResponse.model_validate(body).model_dump()
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert bodies[0] == error_body("too long", "invalid_request_error", "messages",
+                                   "context_length_exceeded")
+    assert [b["error"]["code"] for b in bodies[1:3]] == ["missing_api_key", "invalid_api_key"]
+    assert authenticate(store, "Bearer rp-good") is None

@@ -15,8 +15,9 @@ from ray.serve.schema import ServeDeploySchema
 
 from raycluster.catalog import load_catalog
 from raycluster.spec import SpecError
+from serve.builder import to_serve_config
 from serve.config import ServeAppConfig
-from serve.engines.vllm import derived_gpu_memory_utilization
+from serve.engines.vllm_config import derived_gpu_memory_utilization
 
 CONFIGS = Path(__file__).resolve().parents[3] / "serve" / "configs"
 RAYPLANE = [sys.executable, "-c", "from raycluster.cli import main; main()"]
@@ -34,12 +35,12 @@ def doc() -> dict:
 
 def refused(doc: dict) -> str:
     with pytest.raises(SpecError) as err:
-        ServeAppConfig.parse(doc).to_serve_config(load_catalog())
+        to_serve_config(ServeAppConfig.parse(doc), load_catalog())
     return str(err.value)
 
 
 def app_of(doc: dict) -> dict:
-    rendered = ServeAppConfig.parse(doc).to_serve_config(load_catalog())
+    rendered = to_serve_config(ServeAppConfig.parse(doc), load_catalog())
     ServeDeploySchema.model_validate(rendered)  # what `serve deploy` and KubeRay accept
     (app,) = rendered["applications"]
     return app
@@ -47,7 +48,7 @@ def app_of(doc: dict) -> dict:
 
 def test_shipped_configs_render_to_valid_serve_configs():
     for path in sorted(CONFIGS.glob("*.yaml")):
-        rendered = ServeAppConfig.from_file(path).to_serve_config(load_catalog())
+        rendered = to_serve_config(ServeAppConfig.from_file(path), load_catalog())
         ServeDeploySchema.model_validate(rendered)
         assert rendered["applications"][0]["import_path"].startswith("serve.")
 
@@ -128,6 +129,13 @@ def test_vllm_app_uses_ray_serve_llm_with_pool_knowledge(doc):
      "ingress.mode: 'direct' serves one model and this config has 2; use 'router'"),
     (lambda d: (d.update(ingress={"mode": "direct"}), d["models"][0].update(engine="vllm")),
      "ingress.mode: 'direct' is for the cpu engine"),
+    # vLLM's settings on a CPU-engine model (the default engine) are refused by name.
+    (lambda d: d["models"][0].update(gpu_units=2),
+     "models[0].gpu_units: is a vllm setting and this model's engine is 'cpu'"),
+    (lambda d: d["models"][0].update(gpu_memory_utilization=0.5),
+     "models[0].gpu_memory_utilization: is a vllm setting"),
+    (lambda d: d["models"][0].update(engine_kwargs={"enforce_eager": True}),
+     "models[0].engine_kwargs: is a vllm setting"),
 ])
 def test_bad_configs_are_refused_naming_the_field(doc, change, expected):
     bad = copy.deepcopy(doc)

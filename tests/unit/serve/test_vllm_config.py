@@ -12,9 +12,10 @@ import yaml
 
 from raycluster.catalog import DEFAULT_CATALOG, Catalog, load_catalog
 from raycluster.spec import SpecError
+from serve.builder import to_serve_config
 from serve.config import ModelSpec, ServeAppConfig
-from serve.engines.vllm import (
-    MlflowModelDownload,
+from serve.engines.vllm import MlflowModelDownload
+from serve.engines.vllm_config import (
     check_placement,
     derived_gpu_memory_utilization,
     derived_max_num_seqs,
@@ -116,7 +117,7 @@ def test_vllm_on_the_cpu_pool_is_refused(catalog):
     doc = {"models": [{"name": "chat", "source": "s3://m/chat", "engine": "vllm",
                        "pool": "cpu"}], "allow_unauthenticated": True}
     with pytest.raises(SpecError, match="models\\[0\\].pool: 'cpu' has no GPU"):
-        ServeAppConfig.parse(doc).to_serve_config(catalog)
+        to_serve_config(ServeAppConfig.parse(doc), catalog)
 
 
 def test_sources_become_ray_mirrors_or_an_mlflow_download(catalog):
@@ -135,7 +136,7 @@ def test_sources_become_ray_mirrors_or_an_mlflow_download(catalog):
 
 def test_mlflow_download_callback_fetches_the_registered_folder(tmp_path, tiny_model):
     """The callback vLLM replicas run, against a real (file-backed) MLflow registry."""
-    from serve.testing import register_model
+    from tests.support.tiny_model import register_model
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     import mlflow

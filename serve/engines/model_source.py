@@ -1,7 +1,8 @@
 """Fetch a served model's folder from where its config says: the MLflow registry
 (``models:/NAME/VERSION`` or ``@alias``), a run's artifacts (``runs:/``), S3 (``s3://``, through
 MLflow's S3 artifact repository, so ``MLFLOW_S3_ENDPOINT_URL`` and the pod's IAM role apply), or
-a local folder (used in place)."""
+a local folder (used in place). Both engines load from here: the CPU model deployment at
+replica start, the vLLM download callback on the node before vLLM starts."""
 
 from __future__ import annotations
 

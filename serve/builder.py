@@ -1,0 +1,155 @@
+"""The Ray Serve config of a serve config: what ``serve deploy`` takes and what a KubeRay
+RayService carries as ``serveConfigV2``.
+
+:func:`to_serve_config` is one pure function, no I/O, so what is deployed locally and on EKS is
+the same document. It refuses an impossible placement (a pool that does not exist, vLLM on a
+pool it cannot run on) with a :class:`~raycluster.spec.SpecError` naming the field, before
+anything is deployed.
+
+- ``engine: cpu``: rayplane's own app, ``serve.app:build_app``, whose ``args`` are
+  :func:`app_args`: one ingress deployment and one deployment per model (``router``), or the
+  model's replicas answering HTTP themselves (``direct``).
+- ``engine: vllm``: ``serve.engines.vllm:build_app`` over the ``LLMConfig`` of each model
+  (serve/engines/vllm_config.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from raycluster.catalog import Catalog, Pool
+from raycluster.spec import SpecError
+from serve.config import EngineKind, IngressMode, ServeAppConfig
+from serve.engines.vllm_config import check_placement, llm_config_dict, validate_llm_config
+
+#: Import path of the application builder for each engine (``serve deploy``'s import_path).
+APP_BUILDERS = {EngineKind.cpu: "serve.app:build_app",
+                EngineKind.vllm: "serve.engines.vllm:build_app"}
+#: Name of the CPU app's router deployment.
+INGRESS_DEPLOYMENT = "OpenAIIngress"
+
+
+def to_serve_config(config: ServeAppConfig, catalog: Catalog) -> dict[str, Any]:
+    """The Ray Serve config (``serve deploy`` / RayService ``serveConfigV2``) of ``config``
+    on the pools of ``catalog``."""
+    ingress_pool = catalog.pool(config.ingress.pool, "ingress.pool")
+    for i, m in enumerate(config.models):
+        pool = catalog.pool(m.pool, f"models[{i}].pool")
+        if m.engine is EngineKind.vllm:
+            check_placement(m, pool, f"models[{i}]")
+    if config.engine is EngineKind.vllm:
+        app = vllm_application(config, catalog)
+    else:
+        app = cpu_application(config, catalog, ingress_pool)
+    return {
+        "proxy_location": config.http.proxy_location,
+        "http_options": {"host": config.http.host, "port": config.http.port},
+        "applications": [app],
+    }
+
+
+def app_args(config: ServeAppConfig) -> dict[str, Any]:
+    """What the CPU app's builder (``serve.app:build_app``) receives: ``args`` of the Serve
+    config."""
+    args: dict[str, Any] = {
+        "models": [{"name": m.name, "source": m.source,
+                    "max_num_seqs": m.max_num_seqs or 16,
+                    "max_model_len": m.max_model_len,
+                    "threads": max(1, round(m.cpus)),
+                    "stream_interval_ms": m.stream_interval_ms,
+                    "deployment": m.deployment_name} for m in config.models],
+        "api_keys": config.api_keys.model_dump() if config.api_keys else None,
+        "mlflow_tracking_uri": config.mlflow_tracking_uri,
+    }
+    if config.ingress.mode is IngressMode.direct:
+        args["ingress_mode"] = IngressMode.direct.value
+    return args
+
+
+def cpu_application(config: ServeAppConfig, catalog: Catalog, ingress_pool: Pool
+                    ) -> dict[str, Any]:
+    """The Serve config application of a CPU-engine serve config."""
+    direct = config.ingress.mode is IngressMode.direct
+    deployments = [] if direct else [{
+        "name": INGRESS_DEPLOYMENT,
+        "num_replicas": config.ingress.replicas,
+        "max_ongoing_requests": config.ingress.max_ongoing_requests,
+        "ray_actor_options": _actor_resources(ingress_pool, config.ingress.cpus,
+                                              units=config.ingress.cpus),
+    }]
+    for m in config.models:
+        pool = catalog.pool(m.pool)
+        max_num_seqs = m.max_num_seqs or 16
+        deployments.append({
+            "name": m.deployment_name,
+            "autoscaling_config": m.autoscaling.serve_options(),
+            # A replica takes twice what it decodes at once: the rest wait in its own
+            # queue, where a slot frees at the next token, not behind another replica.
+            "max_ongoing_requests": 2 * max_num_seqs,
+            "max_queued_requests": m.max_queued_requests,
+            "graceful_shutdown_timeout_s": 30,
+            "health_check_period_s": 5,
+            "health_check_timeout_s": 30,
+            "ray_actor_options": _actor_resources(
+                pool, m.cpus, units=m.cpus if not pool.has_gpu else 1),
+        })
+    app: dict[str, Any] = {
+        "name": config.name,
+        "route_prefix": config.route_prefix,
+        "import_path": APP_BUILDERS[EngineKind.cpu],
+        "args": app_args(config),
+        "deployments": deployments,
+    }
+    if config.mlflow_tracking_uri:
+        app["runtime_env"] = {"env_vars": {"MLFLOW_TRACKING_URI": config.mlflow_tracking_uri}}
+    return app
+
+
+def vllm_application(config: ServeAppConfig, catalog: Catalog) -> dict[str, Any]:
+    """The Serve config application of a vLLM serve config."""
+    llm_configs = []
+    for i, m in enumerate(config.models):
+        pool = catalog.pool(m.pool, f"models[{i}].pool")
+        cfg = llm_config_dict(m, pool, config.mlflow_tracking_uri)
+        try:
+            validate_llm_config(cfg)
+        except ValueError as err:
+            raise SpecError(f"models[{i}]: Ray's LLMConfig refuses it: "
+                            f"{str(err).splitlines()[0]}", field=f"models[{i}]") from None
+        llm_configs.append(cfg)
+    ingress_pool = catalog.pool(config.ingress.pool, "ingress.pool")
+    app: dict[str, Any] = {
+        "name": config.name,
+        "route_prefix": config.route_prefix,
+        "import_path": APP_BUILDERS[EngineKind.vllm],
+        "args": {
+            "llm_configs": llm_configs,
+            "api_keys": config.api_keys.model_dump() if config.api_keys else None,
+            "ingress_deployment_config": {
+                "num_replicas": config.ingress.replicas,
+                "max_ongoing_requests": config.ingress.max_ongoing_requests,
+                "ray_actor_options": {"num_cpus": config.ingress.cpus,
+                                      "resources": {ingress_pool.ray_resource:
+                                                    config.ingress.cpus}},
+            },
+        },
+    }
+    if config.mlflow_tracking_uri:
+        app["runtime_env"] = {"env_vars": {"MLFLOW_TRACKING_URI": config.mlflow_tracking_uri}}
+    return app
+
+
+def _actor_resources(pool: Pool, cpus: float, units: float) -> dict[str, Any]:
+    """Ray actor options of a CPU-engine replica (or the ingress) on ``pool``.
+
+    On the CPU pool it takes ``cpus`` cores and as much of the pool resource (which counts
+    cores there). On a GPU pool it takes pool units and no Ray CPUs: locally those nodes have
+    ``num-cpus 0`` (the head owns the cores), and on EKS a unit's share of the node comes
+    with the unit."""
+    if pool.has_gpu:
+        return {"num_cpus": 0, "resources": {pool.ray_resource: float(units)}}
+    return {"num_cpus": cpus, "resources": {pool.ray_resource: float(units)}}
+
+
+__all__ = ["APP_BUILDERS", "INGRESS_DEPLOYMENT", "app_args", "cpu_application",
+           "to_serve_config", "vllm_application"]

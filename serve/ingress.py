@@ -1,0 +1,281 @@
+"""The CPU app's ingress (``OpenAIIngress``): the OpenAI routes over FastAPI, and the request
+path every call takes -- API key, request validation, routing by ``model``, OpenAI error
+bodies, and retries of a replica that died before answering.
+
+``ingress.mode: router`` (the default): its own deployment, which calls one deployment per
+model (serve/model_server.py) through Serve handles, as in ``ray.serve.llm``.
+``ingress.mode: direct``: the model's replicas are this ingress with the ``ModelServer``
+inside the replica instead of behind a handle, so a request crosses the proxy -> replica hop
+only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from raycluster.spec import field_path
+from serve.auth import ApiKeyStore, authenticate
+from serve.builder import INGRESS_DEPLOYMENT
+from serve.engines.base import EngineError
+from serve.model_server import InReplicaModel, ModelServer
+from serve.protocol import (
+    SSE_DONE,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelList,
+    error_body,
+    sse,
+    unknown_fields,
+)
+
+logger = logging.getLogger("ray.serve")
+
+#: Replica failures a client may retry (the openai client retries 503 by itself).
+RETRY_AFTER_S = 1
+
+
+def _error(status: int, message: str, type_: str = "invalid_request_error",
+           param: str | None = None, code: str | None = None,
+           retry_after: float | None = None) -> JSONResponse:
+    """An HTTP error response with OpenAI's error body."""
+    headers = {"Retry-After": str(int(max(1, retry_after)))} if retry_after else None
+    return JSONResponse(error_body(message, type_, param, code), status_code=status,
+                        headers=headers)
+
+
+def _engine_error(err: EngineError) -> JSONResponse:
+    return _error(err.status, err.message, err.type, err.param, err.code, err.retry_after)
+
+
+def _replica_gone(err: BaseException) -> bool:
+    """A replica died or became unreachable: the request may be retried elsewhere."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import DeploymentUnavailableError
+
+    return isinstance(err, ActorDiedError | ActorUnavailableError | RayActorError
+                      | DeploymentUnavailableError)
+
+
+def _overloaded(err: BaseException) -> bool:
+    from ray.serve.exceptions import BackPressureError
+
+    return isinstance(err, BackPressureError)
+
+
+api = FastAPI(title="rayplane OpenAI API", docs_url=None, redoc_url=None)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind)
+
+
+@serve.deployment(name=INGRESS_DEPLOYMENT)
+@serve.ingress(api)
+class OpenAIIngress:
+    def __init__(self, models: dict[str, Any] | None, api_keys: dict | None = None,
+                 in_replica: dict | None = None, mlflow_tracking_uri: str | None = None):
+        from serve.metrics import IngressMetrics
+
+        self.local_server = None
+        if in_replica is not None:  # ingress.mode direct: the model runs in this replica
+            self.local_server = ModelServer.func_or_class(in_replica, mlflow_tracking_uri)
+            models = {in_replica["name"]: InReplicaModel(self.local_server)}
+        # name -> DeploymentHandle of its ModelServer (or the in-replica model)
+        self.models: dict[str, Any] = models or {}
+        self.keys = ApiKeyStore(**api_keys) if api_keys else None
+        self.metrics = IngressMetrics()
+        self._stream = {(name, method): h.options(stream=True, method_name=method)
+                        for name, h in models.items()
+                        for method in ("chat_stream", "completion_stream")}
+        # Handles configured once: every .options() call builds a new handle (its own
+        # router and metrics pusher), which costs milliseconds on the request path.
+        self._unary = {(name, method): h.options(method_name=method)
+                       for name, h in models.items()
+                       for method in ("chat", "completion", "card", "stats")}
+
+    def check_health(self) -> None:
+        if self.local_server is not None:
+            self.local_server.check_health()
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _auth(self, request: Request) -> JSONResponse | None:
+        if self.keys is None:
+            return None
+        denied = authenticate(self.keys, request.headers.get("authorization", ""))
+        return None if denied is None else JSONResponse(denied, status_code=401)
+
+    async def _parse(self, request: Request, model_cls):
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None, _error(400, "The request body is not valid JSON.")
+        if not isinstance(body, dict):
+            return None, _error(400, "The request body must be a JSON object.")
+        try:
+            req = model_cls.model_validate(body)
+        except ValidationError as err:
+            e = err.errors(include_url=False)[0]
+            param = field_path(tuple(e["loc"]))
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] == "missing":
+                msg = "field required"
+            return None, _error(400, f"{param}: {msg}", param=param.split(":")[0])
+        extra = unknown_fields(req)
+        if extra:
+            logger.warning("request carried fields this server ignores: %s", ", ".join(extra))
+        if req.model not in self.models:
+            return None, _error(404, f"The model `{req.model}` does not exist. Served: "
+                                     f"{', '.join(sorted(self.models))}.",
+                                param="model", code="model_not_found")
+        return req, None
+
+    async def _serve(self, request: Request, model_cls, endpoint: str, method: str):
+        denied = self._auth(request)
+        if denied is not None:
+            self.metrics.record("", endpoint, 401, "invalid_api_key")
+            return denied
+        req, error = await self._parse(request, model_cls)
+        if error is not None:
+            self.metrics.record(getattr(req, "model", "") or "", endpoint, error.status_code)
+            return error
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        response = await (self._stream_response(req, method, rid) if req.stream
+                          else self._unary_response(req, method, rid))
+        self.metrics.record(req.model, endpoint, response.status_code)
+        response.headers["x-request-id"] = rid
+        return response
+
+    async def _call_with_retry(self, start):
+        """Run ``start()`` (a handle call up to its first result); a replica that died
+        before answering is retried on another one, twice, then a retryable 503."""
+        for attempt in range(3):
+            try:
+                return await start(), None
+            except EngineError as err:
+                return None, _engine_error(err)
+            except Exception as err:
+                if _overloaded(err):
+                    return None, _error(503, "The model's queue is full; retry shortly.",
+                                        "service_unavailable", code="overloaded",
+                                        retry_after=RETRY_AFTER_S)
+                if _replica_gone(err):
+                    logger.warning("replica unavailable (attempt %d): %r", attempt + 1, err)
+                    await asyncio.sleep(0.2 * (attempt + 1))
+                    continue
+                logger.exception("request failed")
+                return None, _error(500, f"internal error: {type(err).__name__}",
+                                    "internal_server_error")
+        return None, _error(503, "The model's replicas are restarting; retry shortly.",
+                            "service_unavailable", code="replica_unavailable",
+                            retry_after=RETRY_AFTER_S)
+
+    async def _unary_response(self, req, method: str, rid: str) -> Response:
+        handle = self._unary[(req.model, method)]
+        result, error = await self._call_with_retry(lambda: handle.remote(req, rid))
+        return error if error is not None else JSONResponse(result)
+
+    async def _stream_response(self, req, method: str, rid: str) -> Response:
+        handle = self._stream[(req.model, method + "_stream")]
+        holder: dict[str, Any] = {}
+
+        async def start():
+            gen = handle.remote(req, rid)
+            holder["gen"] = gen
+            try:
+                return await gen.__anext__()
+            except BaseException:
+                gen.cancel()
+                raise
+
+        first, error = await self._call_with_retry(start)
+        if error is not None:
+            return error
+        gen = holder["gen"]
+
+        async def body():
+            finished = False
+            try:
+                yield first
+                async for line in gen:
+                    yield line
+                finished = True
+            except asyncio.CancelledError:
+                raise
+            except EngineError as err:
+                yield sse(err.body())
+                yield SSE_DONE
+            except Exception as err:  # noqa: BLE001 - the stream already started: report in it
+                logger.warning("stream %s failed: %r", rid, err)
+                if _replica_gone(err):
+                    yield sse(error_body("the replica serving this stream stopped; retry the "
+                                         "request", "service_unavailable",
+                                         code="replica_unavailable"))
+                else:
+                    yield sse(error_body(f"internal error: {type(err).__name__}",
+                                         "internal_server_error"))
+                yield SSE_DONE
+            finally:
+                if not finished:
+                    gen.cancel()  # the client went away: free the engine's slot now
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    # -- routes --------------------------------------------------------------------------
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        """Liveness plus each model's engine counters (no secrets; no key needed)."""
+        out: dict[str, Any] = {}
+        for name in self.models:
+            try:
+                out[name] = await asyncio.wait_for(self._unary[(name, "stats")].remote(),
+                                                   timeout=5)
+            except Exception as err:  # noqa: BLE001 - reported, not raised
+                out[name] = {"error": type(err).__name__}
+        ok = all("error" not in v for v in out.values())
+        return JSONResponse({"status": "ok" if ok else "degraded", "models": out},
+                            status_code=200 if ok else 503)
+
+    @api.get("/v1/models")
+    async def list_models(self, request: Request) -> Response:
+        denied = self._auth(request)
+        if denied is not None:
+            return denied
+        cards = await asyncio.gather(*[self._unary[(name, "card")].remote()
+                                       for name in self.models])
+        return JSONResponse(ModelList(data=cards).model_dump())
+
+    @api.get("/v1/models/{model:path}")
+    async def get_model(self, model: str, request: Request) -> Response:
+        denied = self._auth(request)
+        if denied is not None:
+            return denied
+        if model not in self.models:
+            return _error(404, f"The model `{model}` does not exist.", param="model",
+                          code="model_not_found")
+        return JSONResponse(await self._unary[(model, "card")].remote())
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._serve(request, ChatCompletionRequest, "chat", "chat")
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._serve(request, CompletionRequest, "completions", "completion")
+
+
+__all__ = ["RETRY_AFTER_S", "OpenAIIngress", "api"]
