@@ -22,10 +22,19 @@ from pathlib import Path
 
 import typer
 
-from raycluster.cli import CatalogOpt, UserError, app, console
-from raycluster.local import LocalCluster, StateOpt, _print_urls
+from raycluster.cli.common import CatalogOpt, StateOpt, console
+from raycluster.cli.platform import print_urls
+from raycluster.cli.serve import cluster_target
+from raycluster.errors import PlatformError
+from raycluster.local import LocalCluster
+from serve.deploy import chat_once, deploy
+from train import tracking
+from train.config import TrainConfig
+from train.tools import TOOLS
 
-REPO = Path(__file__).resolve().parents[1]
+#: What ``ray job submit --working-dir`` uploads: the repository root, where the top-level
+#: packages are importable exactly as on the cluster.
+REPO = Path(__file__).resolve().parents[2]
 
 
 def ray_job_submit(cluster: LocalCluster, entrypoint: list[str],
@@ -53,7 +62,7 @@ def ray_job_submit(cluster: LocalCluster, entrypoint: list[str],
                 console.print(f"  {text}", style="dim", highlight=False, markup=False)
             if time.monotonic() > deadline:
                 proc.kill()
-                raise UserError(f"job {' '.join(entrypoint)} took longer than {timeout:.0f}s")
+                raise PlatformError(f"job {' '.join(entrypoint)} took longer than {timeout:.0f}s")
         code = proc.wait()
     except KeyboardInterrupt:
         proc.terminate()
@@ -71,14 +80,13 @@ def run_smoke_jobs(cluster: LocalCluster) -> dict[str, dict]:
                                    timeout=600)
         line = next((l for l in out.splitlines() if "RAYPLANE_SMOKE" in l), None)
         if code != 0 or line is None:
-            raise UserError(f"smoke job on pool {pool.name} failed (exit {code}); "
+            raise PlatformError(f"smoke job on pool {pool.name} failed (exit {code}); "
                             f"see `ray job logs` on {cluster.dashboard_url}")
         results[pool.name] = json.loads(line.split("RAYPLANE_SMOKE", 1)[1])
         console.print(f"  [green]ok[/green]: ran on the {pool.name} node")
     return results
 
 
-@app.command("demo")
 def demo_cmd(catalog_file: CatalogOpt = None, state_dir: StateOpt = None,
              train_config: Path = typer.Option(REPO / "train/configs/demo.yaml", "--train",
                                                help="Training config of the demo model."),
@@ -101,15 +109,12 @@ def demo_cmd(catalog_file: CatalogOpt = None, state_dir: StateOpt = None,
         version = train_and_register(cluster, train_config)
         serve_and_chat(cluster, version, serve_config)
     console.print()
-    _print_urls(cluster)
+    print_urls(cluster)
     console.print("stop it with: make down")
 
 
 def train_and_register(cluster: LocalCluster, config_path: Path) -> str:
     """Submit the training job and return the version it registered (alias candidate)."""
-    from train import tracking
-    from train.config import TrainConfig
-
     cfg = TrainConfig.from_file(config_path)
     # The job runs in the uploaded working directory: name the config relative to it.
     job_config = Path(config_path).resolve().relative_to(REPO)
@@ -118,14 +123,14 @@ def train_and_register(cluster: LocalCluster, config_path: Path) -> str:
     code, _ = ray_job_submit(cluster, ["python", "-m", "train.fit", "--config",
                                        str(job_config)], timeout=3600)
     if code != 0:
-        raise UserError(f"training job failed (exit {code}); see `ray job logs` on "
+        raise PlatformError(f"training job failed (exit {code}); see `ray job logs` on "
                         f"{cluster.dashboard_url}")
     model_name = cfg.mlflow.registered_model
     c = tracking.client(cluster.mlflow_uri)
     try:
         mv = c.get_model_version_by_alias(model_name, tracking.CANDIDATE)
     except Exception as err:  # noqa: BLE001 - MLflow raises its own RestException
-        raise UserError(f"training finished but no version of {model_name} has the alias "
+        raise PlatformError(f"training finished but no version of {model_name} has the alias "
                         f"{tracking.CANDIDATE!r} (did it pass the evaluation gate?): "
                         f"{err}") from None
     console.print(f"  registered {model_name} version {mv.version} "
@@ -136,19 +141,15 @@ def train_and_register(cluster: LocalCluster, config_path: Path) -> str:
 
 
 def serve_and_chat(cluster: LocalCluster, version: str, config_path: Path) -> None:
-    from serve.cli import chat_once, deploy
-
     console.print(f"[bold]deploying {config_path}[/bold] (rayplane serve up)")
     with console.status("waiting for the Serve application") as spinner:
-        _, base_url = deploy(config_path, state_dir=cluster.state_dir,
-                                  progress=lambda msg: spinner.update(str(msg)))
-    from train.tools import TOOLS
-
+        _, base_url = deploy(config_path, cluster_target(cluster),
+                             tracking_uri=cluster.mlflow_uri,
+                             progress=lambda msg: spinner.update(str(msg)))
     question = "What is 12 times 7?"
     # The tools the model was trained with: declared, its tool call comes back as tool_calls.
-    model, resp, _ = chat_once(question, base_url=base_url,
-                               api_key=cluster.api_key_path.read_text().strip(),
-                               state_dir=cluster.state_dir, tools=TOOLS)
+    model, resp = chat_once(question, base_url=base_url,
+                            api_key=cluster.api_key_path.read_text().strip(), tools=TOOLS)
     choice = resp.choices[0]
     answer = choice.message.content or "; ".join(
         f"tool call {t.function.name}({t.function.arguments})"

@@ -1,5 +1,6 @@
 """``rayplane render`` and ``rayplane apply``: the Kubernetes manifests of an environment,
-written as a folder Argo CD syncs, and applied server-side when a kubeconfig is given."""
+written as a folder Argo CD syncs, and applied server-side when a kubeconfig is given. Plain
+functions over ``raycluster.render``; the root (``raycluster.cli``) registers them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import typer
 from rich.table import Table
 
 from raycluster.catalog import load_catalog
-from raycluster.cli import CatalogOpt, app, console
+from raycluster.cli.common import CatalogOpt, console
 from raycluster.environments import load_environment
 from raycluster.render import (
     REPO,
@@ -21,17 +22,9 @@ from raycluster.render import (
     render_objects,
     write_objects,
 )
+from raycluster.terraform import tfvars_path, write_tfvars
 
 
-def _default_tfvars(env_name: str) -> Path | None:
-    try:
-        from raycluster.terraform import tfvars_path
-    except ModuleNotFoundError:  # the Terraform layer is optional
-        return None
-    return tfvars_path(env_name)
-
-
-@app.command("render")
 def render_cmd(
     env: Annotated[str, typer.Option("--env", "-e", help="Environment name "
                                      "(raycluster/environments/NAME.yaml) or file.")],
@@ -61,16 +54,12 @@ def render_cmd(
     console.print(table)
     if not no_tfvars:
         from_default = tfvars is None
-        target = tfvars or _default_tfvars(environment.name)
-        if target is not None:
-            from raycluster.terraform import write_tfvars
-
-            write_tfvars(catalog, target)
-            console.print(f"terraform node pools: {target}"
-                          + (" (default path)" if from_default else ""))
+        target = tfvars or tfvars_path(environment.name)
+        write_tfvars(catalog, target)
+        console.print(f"terraform node pools: {target}"
+                      + (" (default path)" if from_default else ""))
 
 
-@app.command("apply")
 def apply_cmd(
     folder: Annotated[Path, typer.Argument(help="A folder written by `rayplane render`.")],
     kubeconfig: Annotated[Path, typer.Option("--kubeconfig", envvar="KUBECONFIG",
@@ -85,3 +74,6 @@ def apply_cmd(
     results = apply_objects(objects, kubeconfig, context=context, dry_run=dry_run,
                             progress=lambda ident: console.print(f"  {ident}", highlight=False))
     console.print(f"{len(results)} objects {'validated (dry run)' if dry_run else 'applied'}")
+
+
+__all__ = ["apply_cmd", "render_cmd"]

@@ -4,7 +4,8 @@
 ``rayplane models promote NAME VERSION`` moves the ``champion`` alias (what serve configs
 name as ``models:/NAME@champion``); ``rayplane models register RUN_ID`` registers a run's
 ``model`` artifact (e.g. a sweep's best) as a new version with alias ``candidate``.
-Imported by ``raycluster.cli.main``, which turns SpecError into one line and exit 2.
+Registry errors are ``SpecError`` naming the argument; the root turns them into one line and
+exit 2.
 """
 
 from __future__ import annotations
@@ -17,12 +18,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from raycluster.cli import app, console
+from raycluster.cli.common import JsonOpt, console
 from train import tracking
 
 models_app = typer.Typer(no_args_is_help=True,
                          help="The MLflow model registry: list, promote, register.")
-app.add_typer(models_app, name="models")
 
 UriOpt = Annotated[str | None, typer.Option(
     "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
@@ -36,9 +36,7 @@ def _uri(uri: str | None) -> str:
 
 @models_app.command("list")
 def list_cmd(name: Annotated[str | None, typer.Argument(help="Only this model.")] = None,
-             tracking_uri: UriOpt = None,
-             as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")
-             ) -> None:
+             tracking_uri: UriOpt = None, as_json: JsonOpt = False) -> None:
     """Registered models: versions, aliases, run and held-out exact match."""
     rows = tracking.list_models(_uri(tracking_uri), name)
     if as_json:
@@ -77,21 +75,5 @@ def register_cmd(run_id: Annotated[str, typer.Argument(help="MLflow run with a '
                                           help="Registered model name."),
                  tracking_uri: UriOpt = None) -> None:
     """Register runs:/RUN_ID/model as a new version with alias candidate."""
-    uri = _uri(tracking_uri)
-    from mlflow.exceptions import MlflowException
-
-    from raycluster.spec import SpecError
-
-    c = tracking.client(uri)
-    try:
-        c.get_run(run_id)
-    except MlflowException:
-        raise SpecError(f"run_id: {run_id!r} is not an MLflow run at {uri}",
-                        field="run_id") from None
-    files = [a.path for a in c.list_artifacts(run_id, tracking.MODEL_ARTIFACT)]
-    if not any(p.endswith("config.json") for p in files):
-        raise SpecError(f"run_id: run {run_id} has no '{tracking.MODEL_ARTIFACT}' artifact "
-                        "with a config.json (train.fit and train.tune log one)",
-                        field="run_id")
-    version = tracking.register(uri, name, run_id)
+    version = tracking.register_run(_uri(tracking_uri), name, run_id)
     console.print(f"registered {name} version {version} (alias {tracking.CANDIDATE})")
