@@ -9,8 +9,10 @@ UV := .tools/bin/uv
 FIND_LINKS ?= $(or $(PIP_FIND_LINKS),/opt/wheels)
 VENV := .venv
 PYTEST_ARGS ?=
+# CI's time budget made visible: every `make test*` prints its 25 slowest tests.
+PYTEST := $(VENV)/bin/pytest --durations=25
 
-.PHONY: env system-deps demo test test-unit test-integration down status lint clean
+.PHONY: env system-deps demo test test-fast test-unit test-integration down status lint clean
 
 # Services the platform runs beside Ray when asked and the tests use for real: Debian's
 # prometheus (with promtool).
@@ -44,17 +46,27 @@ down: env
 status: env
 	$(VENV)/bin/rayplane status
 
-test: env system-deps
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+# Lint first, so that CI (which runs `make test`) enforces the import contracts too. pytest's
+# exit status is make's: a failure, or no test collected (5), fails the target.
+test: lint system-deps
+	$(PYTEST) $(PYTEST_ARGS)
+
+# Everything but the tests marked slow (each over about a minute: training runs, the demo,
+# Serve fault tolerance, the Terraform apply cycle).
+test-fast: lint system-deps
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
 
 test-unit: env
-	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
+	$(PYTEST) tests/unit $(PYTEST_ARGS)
 
 test-integration: env system-deps
-	$(VENV)/bin/pytest tests/integration $(PYTEST_ARGS)
+	$(PYTEST) tests/integration $(PYTEST_ARGS)
 
+# ruff, then the import contracts of pyproject.toml ([tool.importlinter]: the layers of
+# docs/architecture.md, no CLI in libraries, no import cycles).
 lint: env
-	$(VENV)/bin/ruff check raycluster train serve agents tests
+	$(VENV)/bin/ruff check raycluster train serve agents bench tests
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 
 clean:
 	rm -rf .tools $(VENV) .pytest_cache

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from raycluster.local import DEFAULT_PORTS, LocalCluster, _session_members, free_port
+from raycluster.local import DEFAULT_PORTS, LocalCluster, free_port, session_members
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[2]
+__all__ = ["REPO", "ray_job_submit", "rayplane"]
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +39,7 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory):
         cluster.down()
     # `rayplane down` leaves nothing of what the platform started, HAProxy (a Ray worker's
     # child, reloaded by the tests' deploys) included.
-    left = _session_members(sessions)
+    left = session_members(sessions)
     assert not left, f"processes left after rayplane down: {left}"
 
 
@@ -62,3 +63,10 @@ def ray_job_submit(env: dict[str, str], *entrypoint: str, resources: dict | None
     cmd += [*extra, "--", *entrypoint]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
                           cwd=REPO, check=False)
+
+
+def rayplane(env: dict[str, str], *args: str, timeout: float = 420) -> subprocess.CompletedProcess:
+    """``rayplane ARGS`` as a user runs it (the console script of this environment), from the
+    repository root, with ``env`` (usually ``cluster_env``)."""
+    return subprocess.run([str(Path(sys.executable).parent / "rayplane"), *args], env=env,
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False)

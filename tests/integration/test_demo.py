@@ -6,29 +6,25 @@ and asked one question, with the endpoint's URL printed."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from openai import OpenAI
 
 from raycluster.catalog import load_catalog
-from tests.integration.conftest import REPO
+from tests.integration.conftest import REPO, rayplane
 from train.config import TrainConfig
 
-pytestmark = pytest.mark.timeout(1500)
+# About 5 minutes on 2 cores: a training run, a registry round trip and a Serve deploy.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 CI = TrainConfig.from_file(REPO / "train/configs/ci.yaml")
 MODEL = CI.mlflow.registered_model  # the model serve/configs/local.yaml serves
 
 
 def test_demo_trains_registers_promotes_serves_and_chats(local_cluster, cluster_env):
-    rayplane = str(Path(sys.executable).parent / "rayplane")
     env = {**cluster_env, "COLUMNS": "200"}  # rich wraps at 80 columns without a terminal
     try:
-        proc = subprocess.run([rayplane, "demo", "--state-dir", str(local_cluster.state_dir),
-                               "--train", "train/configs/ci.yaml"], env=env, cwd=REPO,
-                              capture_output=True, text=True, timeout=1200, check=False)
+        proc = rayplane(env, "demo", "--state-dir", str(local_cluster.state_dir),
+                        "--train", "train/configs/ci.yaml", timeout=1200)
         out = proc.stdout
         assert proc.returncode == 0, out[-4000:] + proc.stderr[-2000:]
         for pool in load_catalog().pools:
@@ -50,6 +46,5 @@ def test_demo_trains_registers_promotes_serves_and_chats(local_cluster, cluster_
         (served,) = client.models.list().data
         assert served.id == MODEL and served.model_extra["root"] == f"models:/{MODEL}/{version}"
     finally:
-        subprocess.run([rayplane, "serve", "down", "openai", "--state-dir",
-                        str(local_cluster.state_dir)], env=env, capture_output=True,
-                       timeout=120, check=False)
+        rayplane(env, "serve", "down", "openai", "--state-dir", str(local_cluster.state_dir),
+                 timeout=120)

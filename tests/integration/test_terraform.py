@@ -1,4 +1,4 @@
-"""Terraform for real (issue 6).
+"""Terraform for real. (checkov's scan of the configuration is in test_checkov.py.)
 
 - ``terraform fmt -check`` and ``terraform validate`` of every module and environment, with the
   AWS provider from the machine's mirror (infra/terraform/mirror.tfrc; nothing is downloaded).
@@ -11,10 +11,11 @@ the committed files) that point the provider at moto and use a local backend.
 
 What moto cannot emulate, and how the test handles it:
 
-- gated off by the environment's variables (reported as skips that name them):
-  ``enable_eks_addons`` (moto has no EKS add-on API), ``enable_access_entries`` (no EKS
-  access-entry API), ``enable_backup_policies`` (no Data Lifecycle Manager, no EFS
-  PutBackupPolicy);
+- gated off by the environment's variables: ``enable_eks_addons`` (moto has no EKS add-on
+  API), ``enable_access_entries`` (no EKS access-entry API), ``enable_backup_policies`` (no Data
+  Lifecycle Manager, no EFS PutBackupPolicy), ``enable_gcs_redis`` (see ``MOTO_GATES``). That
+  each is off here and on by default passes as a test; that its resources apply is a test of
+  its own, skipped (before any work) with the reason while the gate is off;
 - ignored drift, so that a second apply shows only real changes: moto drops the cluster's
   ``accessConfig`` and the node groups' ``updateConfig``, returns a default ``remoteAccess`` on
   node groups, and reports the launch template's own tags as a tag specification;
@@ -50,28 +51,30 @@ from raycluster.terraform import (
     TFVARS_NAME,
     write_tfvars,
 )
+from tests.conftest import requires_terraform
+from tests.support.infra import (
+    A10G_POOL,
+    ROOT,
+    external_secrets_service_account,
+    helm_values,
+    irsa_subject,
+    rendered,
+    tf_default,
+    velero_service_account,
+)
 
 TERRAFORM = shutil.which("terraform")
-MIRROR = Path("/opt/tf-plugins/registry.terraform.io/hashicorp/aws")
 CLI_CONFIG = TERRAFORM_DIR / "mirror.tfrc"
 REGION = "us-east-1"
 ADMIN_ARN = "arn:aws:iam::123456789012:role/platform-admin"
 API_CIDRS = ["203.0.113.0/24"]
 CLUSTER = "rayplane-production"
 
-UVX = TERRAFORM_DIR.parents[1] / ".tools" / "bin" / "uvx"
-#: checkov runs in its own environment (its pins conflict with the project's).
-CHECKOV = "checkov==3.3.30"
-
-requires_terraform = pytest.mark.skipif(
-    TERRAFORM is None or not MIRROR.is_dir(),
-    reason=f"needs terraform 1.10+ on PATH and the AWS provider mirror {MIRROR} (or adapt "
-           "infra/terraform/mirror.tfrc to where the provider is)")
-
 
 def applies(test):
     """The apply/destroy cycle against moto: about 4 minutes on 2 cores, so marked slow."""
     return requires_terraform(pytest.mark.slow(test))
+
 
 TF_DIRS = sorted(str(p.relative_to(TERRAFORM_DIR)) for p in
                  [*TERRAFORM_DIR.glob("modules/*"), *TERRAFORM_DIR.glob("environments/*")]
@@ -98,15 +101,6 @@ MOTO_GATES = {
          "not applied (nor its subnet group: moto has no DeleteCacheSubnetGroup); its AUTH "
          "secret and security group are")),
 }
-
-A10G_POOL = {
-    "name": "a10g-inference", "instance_types": ["g5.12xlarge"], "capacity_type": "SPOT",
-    "min_nodes": 0, "max_nodes": 3, "sharing": {"mode": "time-slicing", "replicas": 2},
-    "taints": [{"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}],
-    "worker": {"gpu_units": 1, "cpus": 8, "memory_gib": 32},
-    "priority_class": "development", "namespace": "inference",
-}
-
 
 def tf_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "TF_"))}
@@ -139,29 +133,7 @@ def copy_configuration(dest: Path) -> Path:
     return dest
 
 
-# -- checkov, fmt and validate ----------------------------------------------------------
-
-@pytest.mark.skipif(not UVX.is_file(), reason=f"needs uvx at {UVX} to run {CHECKOV}")
-def test_checkov_passes_with_every_skip_justified(tmp_path: Path):
-    report = tmp_path / "checkov"
-    proc = subprocess.run(
-        [str(UVX), "--from", CHECKOV, "checkov", "-d", str(TERRAFORM_DIR), "--framework",
-         "terraform", "--compact", "--skip-download", "-o", "json",
-         "--output-file-path", str(report)],
-        capture_output=True, text=True, timeout=300, check=False,
-        env={**os.environ, "BC_SKIP_MAPPING": "TRUE"})
-    results = json.loads((report / "results_json.json").read_text())
-    summary, checks = results["summary"], results["results"]
-    failed = [f"{c['check_id']} {c['resource']} ({c['file_path']})"
-              for c in checks["failed_checks"]]
-    assert failed == [] and proc.returncode == 0, failed or proc.stderr[-2000:]
-    assert summary["passed"] > 250  # the modules were really scanned
-    assert summary["skipped"] == len(checks["skipped_checks"]) > 0
-    for skipped in checks["skipped_checks"]:
-        reason = skipped["check_result"].get("suppress_comment", "")
-        assert len(reason.split()) >= 6, f"{skipped['check_id']} in {skipped['file_path']} is " \
-            f"skipped without a reason: {reason!r}"
-
+# -- fmt and validate -------------------------------------------------------------------
 
 @requires_terraform
 def test_fmt_check_passes():
@@ -221,6 +193,18 @@ def moto_endpoint(tmp_path_factory: pytest.TempPathFactory):
             proc.wait(timeout=10)
         log.close()
 
+
+#: The environment's variables for the apply against moto.
+MOTO_TFVARS = {
+    "public_access_cidrs": API_CIDRS,
+    "cluster_admin_arns": [ADMIN_ARN],
+    "force_destroy_buckets": True,
+    # Test-only values: the defaults keep the database and secrets on destroy.
+    "mlflow_db_deletion_protection": False,
+    "mlflow_db_skip_final_snapshot": True,
+    "secret_recovery_window_days": 0,
+    **{gate: False for gate in MOTO_GATES},
+}
 
 MOTO_SERVICES = ("ec2", "eks", "efs", "iam", "kms", "logs", "s3", "sts", "dlm", "autoscaling",
                  "ecr", "elasticache", "rds", "secretsmanager")
@@ -313,16 +297,8 @@ resource "aws_vpc_security_group_ingress_rule" "mlflow_db_from_nodes" {
   }
 }
 """)
-    (root / "environments" / "production" / "moto.auto.tfvars.json").write_text(json.dumps({
-        "public_access_cidrs": API_CIDRS,
-        "cluster_admin_arns": [ADMIN_ARN],
-        "force_destroy_buckets": True,
-        # Test-only values: the defaults keep the database and secrets on destroy.
-        "mlflow_db_deletion_protection": False,
-        "mlflow_db_skip_final_snapshot": True,
-        "secret_recovery_window_days": 0,
-        **{gate: False for gate in MOTO_GATES},
-    }, indent=2))
+    (root / "environments" / "production" / "moto.auto.tfvars.json").write_text(
+        json.dumps(MOTO_TFVARS, indent=2))
 
 
 class Deployment:
@@ -551,35 +527,8 @@ def test_storage_classes_manifest_names_the_file_system_and_key(deployment: Depl
 
 # -- platform services: images, IRSA for External Secrets and Velero, Redis, PostgreSQL --------
 
-HELM_DIR = TERRAFORM_DIR.parents[1] / "infra" / "helm"
-K8S_DIR = TERRAFORM_DIR.parents[1] / "infra" / "k8s"
 ACCOUNT = "123456789012"  # moto's account
 PREFIX = "rayplane/production"
-
-
-def _helm(release: str) -> tuple[dict, dict]:
-    (entry,) = [r for r in yaml.safe_load((HELM_DIR / "charts.yaml").read_text())["releases"]
-                if r["name"] == release]
-    return entry, yaml.safe_load((HELM_DIR / entry["values"]).read_text())
-
-
-def _subject(namespace: str, name: str) -> str:
-    return f"system:serviceaccount:{namespace}:{name}"
-
-
-def _external_secrets_subject() -> str:
-    """The account the external-secrets release runs as (and the ClusterSecretStore names)."""
-    entry, values = _helm("external-secrets")
-    return _subject(entry["namespace"], values["serviceAccount"]["name"])
-
-
-def _velero_subject() -> str:
-    """The velero chart's server account: serviceAccount.server.name or <fullname>-server."""
-    entry, values = _helm("velero")
-    name = values["serviceAccount"]["server"].get("name") or (
-        f"{entry['name'] if entry['chart'] in entry['name'] else entry['name'] + '-velero'}"
-        "-server")
-    return _subject(entry["namespace"], name)
 
 
 def _statements(iam, role_name: str) -> list[dict]:
@@ -668,11 +617,11 @@ def test_external_secrets_role_reads_only_the_environments_secrets(deployment: D
     assert arn == f"arn:aws:iam::{ACCOUNT}:role/{CLUSTER}-external-secrets"
     role = arn.rsplit("/", 1)[-1]
     # Trusted by the service account the Helm release runs as, which the ClusterSecretStore names.
-    (store,) = [d for d in yaml.safe_load_all((K8S_DIR / "02-clustersecretstore.yaml").read_text())
-                if d]
+    (store,) = rendered("02-clustersecretstore.yaml")
     ref = store["spec"]["provider"]["aws"]["auth"]["jwt"]["serviceAccountRef"]
     assert _trust_subjects(iam, role, deployment.out["oidc_provider_arn"]) == {
-        _external_secrets_subject()} == {_subject(ref["namespace"], ref["name"])}
+        irsa_subject(external_secrets_service_account())} == {
+        irsa_subject(f"{ref['namespace']}/{ref['name']}")}
 
     statements = _statements(iam, role)
     prefix_pattern = f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:{PREFIX}/*"
@@ -694,8 +643,8 @@ def test_external_secrets_role_reads_only_the_environments_secrets(deployment: D
         return any(fnmatch.fnmatchcase(secret_arn, r)
                    for s in secret_statements for r in s["Resource"])
 
-    keys = {d["remoteRef"]["key"] for es in yaml.safe_load_all(
-        (K8S_DIR / "08-externalsecret.yaml").read_text()) if es for d in es["spec"]["data"]}
+    keys = {d["remoteRef"]["key"] for es in rendered("08-externalsecret.yaml")
+            for d in es["spec"]["data"]}
     for key in keys:
         assert readable(f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:{key}-AbCdEf"), key
     assert readable(db_secret)
@@ -709,9 +658,9 @@ def test_velero_role_reaches_only_its_bucket_and_snapshots(deployment: Deploymen
     arn = deployment.out["velero_role_arn"]
     assert arn == f"arn:aws:iam::{ACCOUNT}:role/{CLUSTER}-velero"
     role = arn.rsplit("/", 1)[-1]
-    assert _trust_subjects(iam, role, deployment.out["oidc_provider_arn"]) == {_velero_subject()}
-    _, values = _helm("velero")
-    assert values["serviceAccount"]["server"]["annotations"][
+    assert _trust_subjects(iam, role, deployment.out["oidc_provider_arn"]) == {
+        irsa_subject(velero_service_account())}
+    assert helm_values("velero")["serviceAccount"]["server"]["annotations"][
         "eks.amazonaws.com/role-arn"].rsplit("/", 1)[-1] == role
 
     bucket_arn = f"arn:aws:s3:::{deployment.out['velero_bucket_name']}"
@@ -825,7 +774,7 @@ def test_the_outputs_fill_the_environment_file(deployment: Deployment):
     outputs, still validates and points at what Terraform made."""
     out = deployment.out
     data = yaml.safe_load(
-        (TERRAFORM_DIR.parents[1] / "raycluster" / "environments" / "production.yaml").read_text())
+        (ROOT / "raycluster" / "environments" / "production.yaml").read_text())
     data.update(cluster_name=out["cluster_name"], region=out["region"],
                 kubernetes_version=out["cluster_version"], account_id=ACCOUNT,
                 irsa_role_arns={ns: out["workload_role_arns"]["ray"] for ns in data[
@@ -839,14 +788,31 @@ def test_the_outputs_fill_the_environment_file(deployment: Deployment):
 
 @applies
 @pytest.mark.parametrize("gate", sorted(MOTO_GATES))
-def test_what_moto_cannot_emulate_is_gated_off(deployment: Deployment, gate: str):
-    resource_type, why = MOTO_GATES[gate]
+def test_what_moto_cannot_emulate_is_gated_off_and_on_by_default(deployment: Deployment,
+                                                                  gate: str):
+    resource_type, _ = MOTO_GATES[gate]
+    assert MOTO_TFVARS[gate] is False
     state = deployment.state()
     assert not [r for r in state if f".{resource_type}." in r], f"{gate}=false left {resource_type}"
-    variables = (deployment.env_dir / "variables.tf").read_text()
-    assert re.search(rf'variable "{gate}" \{{[^}}]*default\s*=\s*true', variables), (
+    assert tf_default(deployment.env_dir / "variables.tf", gate) is True, (
         f"{gate} must default to true: only the emulator turns it off")
-    pytest.skip(f"{resource_type} not applied in this test ({gate}=false): {why}")
+
+
+def _gated(gate: str):
+    """The gate as a parameter, skipped (at collection, so nothing is applied for it) while the
+    emulator's variables turn it off, with what is not covered and why."""
+    resource_type, why = MOTO_GATES[gate]
+    return pytest.param(gate, marks=pytest.mark.skipif(
+        not MOTO_TFVARS[gate],
+        reason=f"{resource_type} is not applied against moto ({gate}=false): {why}"))
+
+
+@applies
+@pytest.mark.parametrize("gate", [_gated(g) for g in sorted(MOTO_GATES)])
+def test_what_a_gate_turns_on_is_applied(deployment: Deployment, gate: str):
+    resource_type, _ = MOTO_GATES[gate]
+    assert [r for r in deployment.state() if f".{resource_type}." in r], (
+        f"{gate}=true applied no {resource_type}")
 
 
 @applies

@@ -13,6 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.integration.conftest import ray_job_submit
@@ -50,6 +51,7 @@ def checkpoints_load(run_dir: Path, keep: int) -> list[int]:
     return steps
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_its_last_checkpoint(local_cluster, cluster_env,
                                                         tmp_path):
     name = f"it-kill-{uuid.uuid4().hex[:8]}"
@@ -85,6 +87,7 @@ def test_killed_worker_resumes_from_its_last_checkpoint(local_cluster, cluster_e
     assert STEPS in kept  # the latest is always kept
 
 
+@pytest.mark.slow
 def test_stopped_run_resubmitted_under_its_name_continues(local_cluster, cluster_env,
                                                           tmp_path):
     name = f"it-resub-{uuid.uuid4().hex[:8]}"

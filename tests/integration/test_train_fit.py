@@ -9,15 +9,13 @@ from __future__ import annotations
 import json
 import os
 import struct
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import REPO, ray_job_submit
+from tests.integration.conftest import REPO, ray_job_submit, rayplane
 from train.config import TrainConfig
 from train.fit import result_from_logs
 from train.model import MODEL_FILES
@@ -134,14 +132,10 @@ def read_wandb_history(path: Path) -> list[dict[str, str]]:
     return rows
 
 
-def rayplane(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(Path(sys.executable).parent / "rayplane"), *args], env=env,
-                          capture_output=True, text=True, timeout=180, cwd=REPO, check=False)
-
-
 # -- tests ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_submitted_run_is_tracked_registered_and_promotable(local_cluster, cluster_env,
                                                              tmp_path):
     name = f"it-fit-{uuid.uuid4().hex[:8]}"
@@ -221,12 +215,8 @@ def test_more_workers_than_the_local_cluster_holds_fails_before_any_worker(
     assert not (tmp_path / "it-too-many").exists()
 
 
-def test_mlflow_down_fails_before_any_worker(cluster_env, tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+def test_mlflow_down_fails_before_any_worker(cluster_env, tmp_path, dead_mlflow):
+    dead = dead_mlflow
     proc = ray_job_submit(cluster_env, *fit_args("it-no-mlflow", tmp_path,
                                                  "--set", f"mlflow.tracking_uri={dead}"),
                           timeout=300)

@@ -9,13 +9,16 @@ import json
 import re
 import uuid
 
-from tests.integration.conftest import ray_job_submit
-from tests.integration.test_train_fit import mlflow_client, rayplane, tail
+import pytest
+
+from tests.integration.conftest import ray_job_submit, rayplane
+from tests.integration.test_train_fit import mlflow_client, tail
 from train.config import TrainConfig
 from train.model import MODEL_FILES
 from train.tracking import PARENT_TAG
 
 
+@pytest.mark.slow
 def test_asha_sweep_stops_trials_early_and_finds_a_better_config(local_cluster, cluster_env,
                                                                  tmp_path):
     name = f"it-tune-{uuid.uuid4().hex[:8]}"

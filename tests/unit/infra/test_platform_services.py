@@ -6,85 +6,42 @@ defaults for the switches that only tests turn off. No terraform needed: the fil
 
 from __future__ import annotations
 
-import json
 import re
 from fnmatch import fnmatchcase
 from pathlib import Path
 
 import pytest
-import yaml
 
 from raycluster.environments import load_environment
 from raycluster.terraform import TERRAFORM_DIR
+from tests.support.infra import (
+    external_secrets_service_account,
+    helm_values,
+    rendered,
+    tf_default,
+    velero_service_account,
+)
 
-ROOT = TERRAFORM_DIR.parents[1]
-HELM = ROOT / "infra" / "helm"
-K8S = ROOT / "infra" / "k8s"
 ENV_VARIABLES = TERRAFORM_DIR / "environments" / "production" / "variables.tf"
 MODULE_VARIABLES = TERRAFORM_DIR / "modules" / "platform-services" / "variables.tf"
 MODULE_MAIN = TERRAFORM_DIR / "modules" / "platform-services" / "main.tf"
 
 
-def default(variables_tf: Path, name: str):
-    """The default of a variable, for one-line JSON-compatible defaults (strings, lists, bools,
-    numbers)."""
-    block = re.search(rf'^variable "{name}" \{{(.*?)^\}}', variables_tf.read_text(),
-                      re.DOTALL | re.MULTILINE)
-    assert block, f"{variables_tf}: no variable {name}"
-    value = re.search(r"^  default\s*=\s*(.+)$", block.group(1), re.MULTILINE)
-    assert value, f"{variables_tf}: {name} has no default"
-    return json.loads(value.group(1))
-
-
-def helm_release(name: str) -> dict:
-    (release,) = [r for r in yaml.safe_load((HELM / "charts.yaml").read_text())["releases"]
-                  if r["name"] == name]
-    return release
-
-
-def helm_values(name: str) -> dict:
-    return yaml.safe_load((HELM / helm_release(name)["values"]).read_text())
-
-
-def external_secrets_service_account() -> str:
-    """namespace/name of the External Secrets controller: the release namespace and the
-    values' serviceAccount.name."""
-    release = helm_release("external-secrets")
-    return f"{release['namespace']}/{helm_values('external-secrets')['serviceAccount']['name']}"
-
-
-def velero_service_account() -> str:
-    """namespace/name of the Velero server. The chart names it serviceAccount.server.name, or
-    else <fullname>-server, where fullname is the release name when it contains the chart name
-    (velero chart, templates/_helpers.tpl)."""
-    release = helm_release("velero")
-    name = helm_values("velero")["serviceAccount"]["server"].get("name")
-    if not name:
-        fullname = (release["name"] if release["chart"] in release["name"]
-                    else f"{release['name']}-{release['chart']}")
-        name = f"{fullname}-server"
-    return f"{release['namespace']}/{name}"
-
-
-def rendered(kind_file: str) -> list[dict]:
-    return [d for d in yaml.safe_load_all((K8S / kind_file).read_text()) if d]
-
-
-CLUSTER = default(ENV_VARIABLES, "cluster_name")
+CLUSTER = tf_default(ENV_VARIABLES, "cluster_name")
 
 
 @pytest.mark.parametrize("variables_tf", [ENV_VARIABLES, MODULE_VARIABLES],
                          ids=["environment", "module"])
 def test_irsa_trust_defaults_are_the_service_accounts_helm_runs(variables_tf: Path):
-    assert default(variables_tf, "external_secrets_service_accounts") == [
+    assert tf_default(variables_tf, "external_secrets_service_accounts") == [
         external_secrets_service_account()]
-    assert default(variables_tf, "velero_service_accounts") == [velero_service_account()]
+    assert tf_default(variables_tf, "velero_service_accounts") == [velero_service_account()]
 
 
 def test_the_cluster_secret_store_authenticates_as_the_trusted_account():
     (store,) = rendered("02-clustersecretstore.yaml")
     ref = store["spec"]["provider"]["aws"]["auth"]["jwt"]["serviceAccountRef"]
-    assert [f"{ref['namespace']}/{ref['name']}"] == default(
+    assert [f"{ref['namespace']}/{ref['name']}"] == tf_default(
         ENV_VARIABLES, "external_secrets_service_accounts")
 
 
@@ -103,7 +60,7 @@ def test_helm_values_annotate_the_role_terraform_names(release, annotation_path,
 
 
 def test_every_rendered_external_secret_is_below_the_prefix_external_secrets_may_read():
-    prefix = default(ENV_VARIABLES, "secrets_manager_prefix")
+    prefix = tf_default(ENV_VARIABLES, "secrets_manager_prefix")
     assert prefix == load_environment("production").secrets_manager_prefix
     keys = {d["remoteRef"]["key"] for es in rendered("08-externalsecret.yaml")
             for d in es["spec"]["data"]}
@@ -124,8 +81,8 @@ def test_the_image_repository_is_the_one_the_environment_pulls_from():
     repository = load_environment("production").images.repository
     host, path = repository.split("/", 1)
     assert re.fullmatch(r"\d{12}\.dkr\.ecr\.[a-z0-9-]+\.amazonaws\.com", host), repository
-    assert path == default(ENV_VARIABLES, "ecr_repository_name")
-    assert path == default(MODULE_VARIABLES, "ecr_repository_name")
+    assert path == tf_default(ENV_VARIABLES, "ecr_repository_name")
+    assert path == tf_default(MODULE_VARIABLES, "ecr_repository_name")
 
 
 @pytest.mark.parametrize("variable, production_value", [
@@ -136,4 +93,4 @@ def test_the_image_repository_is_the_one_the_environment_pulls_from():
     ("enable_gcs_redis", True),
 ])
 def test_switches_only_tests_turn_default_to_production_values(variable, production_value):
-    assert default(ENV_VARIABLES, variable) == production_value
+    assert tf_default(ENV_VARIABLES, variable) == production_value

@@ -21,6 +21,7 @@ from raycluster.terraform import (
     tfvars_text,
     write_tfvars,
 )
+from tests.support.infra import A10G_POOL
 
 NODE_POOL_VARIABLES = TERRAFORM_DIR / "modules" / "node-pool" / "variables.tf"
 
@@ -32,15 +33,6 @@ def _catalog_with(extra_pool: dict | None = None, **pool_changes: dict) -> Catal
     if extra_pool:
         data["pools"].append(extra_pool)
     return Catalog.parse(data)
-
-
-A10G_POOL = {
-    "name": "a10g-inference", "instance_types": ["g5.12xlarge"], "capacity_type": "SPOT",
-    "min_nodes": 0, "max_nodes": 3, "sharing": {"mode": "time-slicing", "replicas": 2},
-    "taints": [{"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}],
-    "worker": {"gpu_units": 1, "cpus": 8, "memory_gib": 32},
-    "priority_class": "development", "namespace": "inference",
-}
 
 
 def test_committed_production_tfvars_match_the_catalog():
