@@ -10,7 +10,7 @@ import shlex
 import typer
 from rich.table import Table
 
-from raycluster.cli.common import CatalogOpt, StateOpt, console, err_console
+from raycluster.cli.common import CatalogOpt, JsonOpt, StateOpt, console, err_console
 from raycluster.local import SERVE_PROXIES, LocalCluster
 from raycluster.spec import SpecError
 
@@ -48,7 +48,7 @@ def down_cmd(state_dir: StateOpt = None) -> None:
 
 
 def status_cmd(state_dir: StateOpt = None,
-               as_json: bool = typer.Option(False, "--json", help="For scripts.")) -> None:
+               as_json: JsonOpt = False) -> None:
     """Nodes, pools and URLs of the local platform."""
     cluster = LocalCluster.attach(state_dir)
     info = cluster.status()

@@ -19,7 +19,7 @@ import typer
 from rich.table import Table
 
 from raycluster.catalog import load_catalog
-from raycluster.cli.common import AddressOpt, CatalogOpt, StateOpt, console
+from raycluster.cli.common import AddressOpt, CatalogOpt, JsonOpt, StateOpt, console
 from raycluster.errors import PlatformError
 from raycluster.local import LocalCluster
 from raycluster.spec import SpecError
@@ -53,13 +53,6 @@ def cluster_target(cluster: LocalCluster) -> ServeTarget:
     its Serve proxy's port."""
     return ServeTarget(dashboard_url=cluster.dashboard_url, headers=cluster.auth_headers(),
                        serve_port=cluster.ports["serve"])
-
-
-def local_target(state_dir: Path | None = None) -> tuple[ServeTarget, LocalCluster]:
-    """The local platform in ``state_dir`` as a deploy target, with the cluster (its MLflow
-    is ``cluster.mlflow_uri``)."""
-    cluster = attach_local(state_dir, "no local platform is up (run `rayplane up`)")
-    return cluster_target(cluster), cluster
 
 
 def resolve_target(address: str | None, state_dir: Path | None
@@ -122,7 +115,7 @@ def down_cmd(name: str = typer.Argument("openai", help="Application to remove.")
 
 @serve_app.command("status")
 def status_cmd(state_dir: StateOpt = None, address: AddressOpt = None,
-               as_json: bool = typer.Option(False, "--json", help="For scripts.")) -> None:
+               as_json: JsonOpt = False) -> None:
     """Applications, their deployments and replica counts."""
     details = client(resolve_target(address, state_dir)[0]).get_serve_details()
     if as_json:
@@ -171,5 +164,5 @@ def chat_cmd(message: str = typer.Argument("Hello!", help="User message."),
                   highlight=False)
 
 
-__all__ = ["attach_local", "chat_cmd", "cluster_target", "down_cmd", "local_target",
-           "resolve_target", "serve_app", "status_cmd", "up_cmd"]
+__all__ = ["attach_local", "chat_cmd", "cluster_target", "down_cmd", "resolve_target",
+           "serve_app", "status_cmd", "up_cmd"]
