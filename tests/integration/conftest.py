@@ -10,6 +10,7 @@ proxy_location: HeadOnly}`).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,11 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory):
         yield cluster
     finally:
         cluster.down()
+        # The session's PostgreSQL data goes with its temporary state folder; as root it lives
+        # in the system folder the database account can reach (raycluster/local/postgres.py).
+        data = state_dir / "postgres" / "data"
+        if data.is_symlink():
+            shutil.rmtree(data.resolve().parent, ignore_errors=True)
     # `rayplane down` leaves nothing of what the platform started, HAProxy (a Ray worker's
     # child, reloaded by the tests' deploys) included.
     left = session_members(sessions)

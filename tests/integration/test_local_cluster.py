@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from raycluster.catalog import load_catalog
-from raycluster.local import LocalCluster
+from raycluster.local import LocalCluster, LocalState, free_port, port_is_free
+from raycluster.local.processes import children
 from tests.integration.conftest import ray_job_submit
 
 POOLS = [p.name for p in load_catalog().pools]
@@ -114,6 +115,18 @@ def test_status_json_for_scripts(local_cluster):
     # the MLflow server answers
     with urllib.request.urlopen(f"{info['mlflow']}/health", timeout=10) as resp:
         assert resp.status == 200
+    # PostgreSQL is one of the platform's processes; its DSN shows without the password
+    port = local_cluster.ports["postgres"]
+    assert info["postgres"] == f"postgresql://rayplane:***@127.0.0.1:{port}/agents"
+    assert {"name": "postgres", "alive": True}.items() <= next(
+        p for p in info["processes"] if p["name"] == "postgres").items()
+    assert oct(Path(info["postgres_dsn_file"]).stat().st_mode & 0o777) == "0o600"
+    text = subprocess.run([sys.executable, "-m", "raycluster", "status", "--state-dir",
+                           str(local_cluster.state_dir)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert text.returncode == 0, text.stderr
+    assert f"PostgreSQL      127.0.0.1:{port}" in text.stdout
+    assert local_cluster.postgres.password() not in text.stdout + res.stdout
 
 
 def test_up_is_idempotent(local_cluster):
@@ -121,3 +134,43 @@ def test_up_is_idempotent(local_cluster):
     again = LocalCluster(state_dir=local_cluster.state_dir, ports=local_cluster.ports)
     st = again.up()
     assert [p.pid for p in st.processes] == before
+
+
+def start_postgres_alone(state_dir: Path) -> LocalCluster:
+    """The platform's PostgreSQL, as `rayplane up` starts it, without a second Ray cluster."""
+    cluster = LocalCluster(state_dir=state_dir, ports={"postgres": free_port()})
+    cluster.logs_dir.mkdir(parents=True, exist_ok=True)
+    proc = cluster._spawn_postgres(cluster.postgres.prepare(cluster.logs_dir))
+    LocalState(state_dir=str(cluster.state_dir), ports=cluster.ports,
+               temp_dir=str(state_dir / "tmp"), processes=[proc]).save()
+    cluster.postgres.wait_ready(120, [proc], cluster.logs_dir)
+    return cluster
+
+
+def test_rayplane_down_stops_postgresql_and_its_data_stays_for_the_next_up(tmp_path):
+    import psycopg
+
+    cluster = start_postgres_alone(tmp_path / "state")
+    leader = cluster.state().processes[0]
+    workers = children(leader.pid)
+    assert workers, "PostgreSQL's checkpointer, WAL writer, ... (sessions of their own)"
+    with psycopg.connect(cluster.postgres.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE kept (note text)")
+        conn.execute("INSERT INTO kept VALUES ('survives down')")
+
+    res = subprocess.run([sys.executable, "-m", "raycluster", "down", "--state-dir",
+                          str(cluster.state_dir)],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+    assert "stopped: postgres" in res.stdout
+    assert not leader.alive()
+    assert not [pid for pid, _ in workers if Path(f"/proc/{pid}").exists()]
+    assert port_is_free(cluster.ports["postgres"])
+    assert not cluster.postgres.socket_dir.exists()
+
+    again = start_postgres_alone(tmp_path / "state")  # the same data folder, no new initdb
+    try:
+        with psycopg.connect(again.postgres.dsn()) as conn:
+            assert conn.execute("SELECT note FROM kept").fetchall() == [("survives down",)]
+    finally:
+        assert again.down() == ["postgres"]

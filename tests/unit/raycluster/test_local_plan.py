@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
 from raycluster.errors import PlatformError
-from raycluster.local import DEFAULT_PORTS, LocalCluster, free_port
+from raycluster.local import DEFAULT_PORTS, PORT_ENV, LocalCluster, free_port
 from raycluster.spec import SpecError
 
 
@@ -99,3 +101,127 @@ def test_haproxy_wrapper_moves_all_interface_listeners_to_loopback(tmp_path):
     assert "    bind 127.0.0.1:8000\n" in text and "server r1 10.0.0.7:30000" in text
     subprocess.run([str(wrapper), "-f", str(cfg)], check=True, capture_output=True)
     assert cfg.read_text() == text, "running it again changes nothing"
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+
+
+def test_postgres_listens_on_loopback_only_with_password_auth(tmp_path):
+    from raycluster.local.postgres import initdb_argv, postgres_argv
+
+    argv = postgres_argv(Path("/pg/bin"), tmp_path / "data", 6543, Path("/tmp/rppg-x"))
+    assert argv[:3] == ["/pg/bin/postgres", "-D", str(tmp_path / "data")]
+    settings = dict(a.split("=", 1) for a in argv if "=" in a)
+    assert settings["listen_addresses"] == "127.0.0.1"
+    assert settings["unix_socket_directories"] == "/tmp/rppg-x"
+    assert argv[argv.index("-p") + 1] == "6543"
+    init = initdb_argv(Path("/pg/bin"), tmp_path / "data", tmp_path / "pw")
+    assert init[0] == "/pg/bin/initdb" and "--auth=scram-sha-256" in init
+    assert f"--pwfile={tmp_path / 'pw'}" in init and init[3:5] == ["-U", "rayplane"]
+
+
+def test_postgres_has_a_port_and_its_secrets_stay_out_of_env_and_status(tmp_path):
+    cluster = LocalCluster(state_dir=tmp_path, ports={"postgres": 6543})
+    assert DEFAULT_PORTS["postgres"] == 5432 and PORT_ENV["postgres"] == "RAYPLANE_POSTGRES_PORT"
+    env = cluster.env()
+    assert env["RAYPLANE_POSTGRES_DSN_FILE"] == str(tmp_path / "postgres_dsn")
+    (tmp_path / "postgres_password").write_text("s3cret-pw")
+    assert cluster.postgres.dsn() == "postgresql://rayplane:s3cret-pw@127.0.0.1:6543/agents"
+    info = cluster.status()
+    assert info["postgres"] == "postgresql://rayplane:***@127.0.0.1:6543/agents"
+    assert "s3cret-pw" not in json.dumps(info) + json.dumps(cluster.env())
+    # its socket goes in a short folder of the platform's own, not the system's /var/run
+    assert str(cluster.postgres.socket_dir).startswith("/tmp/rppg-")
+    assert len(f"{cluster.postgres.socket_dir}/.s.PGSQL.65535.lock") < 107
+
+
+def test_postgres_port_follows_its_environment_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYPLANE_POSTGRES_PORT", "15432")
+    assert LocalCluster(state_dir=tmp_path).postgres.url == "127.0.0.1:15432"
+
+
+def _fake_bindir(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    for name in ("initdb", "postgres"):
+        (folder / name).write_text("#!/bin/sh\n")
+        (folder / name).chmod(0o755)
+    return folder
+
+
+def test_postgres_binaries_are_found_off_path_newest_version_first(tmp_path, monkeypatch):
+    from raycluster.local.postgres import find_bindir
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no pg_config, no initdb on PATH
+    _fake_bindir(tmp_path / "lib" / "15" / "bin")
+    newest = _fake_bindir(tmp_path / "lib" / "16" / "bin")
+    (tmp_path / "lib" / "17" / "bin").mkdir(parents=True)  # a client-only install
+    assert find_bindir([tmp_path / "lib"]) == newest
+
+
+def test_up_without_postgresql_says_how_to_install_it_and_starts_nothing(tmp_path, monkeypatch):
+    from raycluster.local import postgres
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(postgres, "DEBIAN_ROOTS", (tmp_path / "none",))
+    cluster = LocalCluster(state_dir=tmp_path / "state",
+                           ports={name: free_port() for name in DEFAULT_PORTS})
+    with pytest.raises(PlatformError, match=r"initdb, postgres.*not found.*make system-deps.*"
+                                            r"apt-get install postgresql-15") as err:
+        cluster.up()
+    assert "\n" not in str(err.value)
+    assert cluster.state() is None, "nothing was started"
+
+
+def test_as_root_postgres_runs_as_an_unprivileged_account():
+    from raycluster.local.postgres import service_user
+
+    assert service_user(euid=1000) is None, "not root: PostgreSQL runs as the user"
+    user = service_user(euid=0)
+    assert user is not None and user.uid != 0 and user.name in ("postgres", "nobody")
+    assert user.popen_kwargs() == {"user": user.uid, "group": user.gid, "extra_groups": []}
+
+
+def test_reachable_follows_the_search_bits_of_every_folder(tmp_path):
+    from raycluster.local.postgres import reachable
+
+    private = tmp_path / "private"
+    (private / "state").mkdir(parents=True)
+    private.chmod(0o700)
+    other = 65534 if os.geteuid() != 65534 else 65533
+    owner = private.stat().st_uid
+    assert reachable(private / "state", owner, -1)
+    assert not reachable(private / "state", other, other)
+    # a folder that does not exist yet: its deepest existing ancestor counts
+    assert not reachable(private / "state" / "not-yet", other, other)
+    assert reachable(Path("/usr/lib/not-yet"), other, other)
+
+
+def test_system_data_of_a_deleted_state_folder_is_swept(tmp_path):
+    from raycluster.local.postgres import sweep_system_data
+
+    kept, gone = tmp_path / "a", tmp_path / "b"
+    kept.mkdir()
+    (kept / "postgres_password").write_text("pw")
+    for state, digest in ((kept, "1"), (gone, "2")):
+        (tmp_path / "sys" / f"postgres-{digest}" / "data").mkdir(parents=True)
+        (tmp_path / "sys" / f"postgres-{digest}" / "state_dir").write_text(str(state))
+    assert sweep_system_data(tmp_path / "sys") == [tmp_path / "sys" / "postgres-2"]
+    assert (tmp_path / "sys" / "postgres-1" / "data").is_dir()
+
+
+def test_a_stop_signal_is_recorded_and_old_state_files_still_load(tmp_path):
+    from raycluster.local import LocalState, ManagedProcess
+
+    st = LocalState(state_dir=str(tmp_path), ports={}, temp_dir="/tmp/x",
+                    processes=[ManagedProcess("postgres", 1, ["postgres"], "log", "SIGINT")])
+    st.save()
+    assert LocalState.load(tmp_path).processes[0].stop_signal == "SIGINT"
+    data = json.loads((tmp_path / "state.json").read_text())
+    del data["processes"][0]["stop_signal"]
+    (tmp_path / "state.json").write_text(json.dumps(data))
+    assert LocalState.load(tmp_path).processes[0].stop_signal == ""
+
+
+def test_restart_service_refuses_ray_nodes_and_unknown_names(tmp_path):
+    with pytest.raises(PlatformError, match="nosuch is not a running service"):
+        LocalCluster(state_dir=tmp_path).restart_service("nosuch")
