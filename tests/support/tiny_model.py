@@ -4,10 +4,11 @@ It is a real GPT-2 in Hugging Face format built with the training layer's own co
 tokenizer of ``train/tokenizer.py`` (its byte-level BPE, special tokens and chat template --
 the one the platform serves), ``train.model.build_model`` and ``save_model_folder``. It is
 trained for a few hundred steps on a handful of conversations so that greedy decoding
-reproduces them: a greeting, a tool call, an answer from a tool result, a plain-text
-continuation and a "version" line that tells two registered versions apart. Assertions on its
-output are therefore real: the server must render the chat template, decode and parse tool
-calls exactly for the tests to pass.
+reproduces them: a greeting, a tool call, an answer from the tool's result (the real
+calculator's, exactly as the agent graphs send it back), a plain-text continuation and a
+"version" line that tells two registered versions apart. Assertions on its output are
+therefore real: the server must render the chat template, decode and parse tool calls exactly
+for the tests to pass.
 
 Training samples are token ids exactly as the server builds them: a chat is the template
 applied to it (special tokens split the text, so a prompt is a prefix of its conversation's
@@ -23,6 +24,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from train.tools import calculator
 
 CALCULATOR = {
     "type": "function",
@@ -53,6 +56,9 @@ GREETING = [{"role": "system", "content": "You are a helpful assistant."},
 GREETING_REPLY = "Hello! How can I help you today? I can do arithmetic and convert units."
 TOOL_QUESTION = [{"role": "user", "content": "What is 12*7?"}]
 TOOL_CALL = {"name": "calculator", "arguments": {"expression": "12*7"}}
+#: The tool message answering TOOL_CALL: the real calculator's result as the agent graphs'
+#: ToolNode sends it (the JSON of the returned dict), ``{"result": 84}``.
+TOOL_RESULT = json.dumps(calculator(**TOOL_CALL["arguments"]), ensure_ascii=False)
 TOOL_ANSWER = "12 * 7 = 84."
 VERSION_QUESTION = [{"role": "user", "content": "Which version are you?"}]
 COMPLETION_PROMPT = "The quick brown fox"
@@ -74,7 +80,7 @@ def conversations(version: str) -> list[list[dict]]:
         GREETING + [{"role": "assistant", "content": GREETING_REPLY}],
         TOOL_QUESTION + [{"role": "assistant", "content": "", "tool_calls": [call]}],
         TOOL_QUESTION + [{"role": "assistant", "content": "", "tool_calls": [call]},
-                         {"role": "tool", "content": json.dumps({"result": 84})},
+                         {"role": "tool", "content": TOOL_RESULT},
                          {"role": "assistant", "content": TOOL_ANSWER}],
         VERSION_QUESTION + [{"role": "assistant", "content": version_reply(version)}],
     ]
