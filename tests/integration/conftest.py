@@ -20,7 +20,16 @@ import pytest
 from raycluster.local import DEFAULT_PORTS, LocalCluster, free_port, session_members
 from tests.conftest import REPO
 
-__all__ = ["REPO", "ray_job_submit", "rayplane"]
+__all__ = ["REPO", "drop_postgres_data", "ray_job_submit", "rayplane"]
+
+
+def drop_postgres_data(state_dir: Path) -> None:
+    """A test platform's PostgreSQL data goes with its temporary state folder. Run as root it
+    lives in the system folder the database account can reach, linked from the state folder
+    (raycluster/local/postgres.py), which pytest's temp-folder rotation never removes."""
+    data = Path(state_dir) / "postgres" / "data"
+    if data.is_symlink():
+        shutil.rmtree(data.resolve().parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -38,11 +47,7 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory):
         yield cluster
     finally:
         cluster.down()
-        # The session's PostgreSQL data goes with its temporary state folder; as root it lives
-        # in the system folder the database account can reach (raycluster/local/postgres.py).
-        data = state_dir / "postgres" / "data"
-        if data.is_symlink():
-            shutil.rmtree(data.resolve().parent, ignore_errors=True)
+        drop_postgres_data(state_dir)
     # `rayplane down` leaves nothing of what the platform started, HAProxy (a Ray worker's
     # child, reloaded by the tests' deploys) included.
     left = session_members(sessions)

@@ -17,7 +17,7 @@ import pytest
 from raycluster.catalog import load_catalog
 from raycluster.local import LocalCluster, LocalState, free_port, port_is_free
 from raycluster.local.processes import children
-from tests.integration.conftest import ray_job_submit
+from tests.integration.conftest import drop_postgres_data, ray_job_submit
 
 POOLS = [p.name for p in load_catalog().pools]
 
@@ -174,3 +174,4 @@ def test_rayplane_down_stops_postgresql_and_its_data_stays_for_the_next_up(tmp_p
             assert conn.execute("SELECT note FROM kept").fetchall() == [("survives down",)]
     finally:
         assert again.down() == ["postgres"]
+        drop_postgres_data(again.state_dir)

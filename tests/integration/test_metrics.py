@@ -16,6 +16,7 @@ import yaml
 
 from raycluster.catalog import DEFAULT_CATALOG
 from raycluster.local import DEFAULT_PORTS, LocalCluster, free_port, prometheus_config
+from tests.integration.conftest import drop_postgres_data
 
 pytestmark = pytest.mark.skipif(not shutil.which("prometheus"),
                                 reason="needs prometheus on PATH (make test installs it)")
@@ -35,6 +36,7 @@ def metrics_cluster(tmp_path_factory):
         yield cluster
     finally:
         cluster.down()
+        drop_postgres_data(cluster.state_dir)
 
 
 def prometheus_query(cluster: LocalCluster, query: str) -> list[dict]:
