@@ -81,3 +81,24 @@ def rayplane(env: dict[str, str], *args: str, timeout: float = 420) -> subproces
     repository root, with ``env`` (usually ``cluster_env``)."""
     return subprocess.run([str(Path(sys.executable).parent / "rayplane"), *args], env=env,
                           capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False)
+
+
+@pytest.fixture(scope="session")
+def agent_model(local_cluster, cluster_env, tmp_path_factory) -> dict[str, str]:
+    """The tiny chat model (tests/support/tiny_model.py) that the agent tests drive, deployed
+    once per session with ``rayplane serve up`` from the registry, behind the platform's API
+    key: its OpenAI base URL, served name and key file."""
+    from tests.support import tiny_model as tm
+
+    registered, app, prefix = "agents-tiny", "agents-model", "/agents-model"
+    tm.register_model(tm.cached_tiny_model("1"), registered, tracking_uri=local_cluster.mlflow_uri)
+    cfg = tmp_path_factory.mktemp("agents-serve") / "serve.yaml"
+    cfg.write_text(tm.serve_config_yaml(name=app, source=f"models:/{registered}@champion",
+                                        pool="a100-mig", route_prefix=prefix,
+                                        api_key_file=local_cluster.api_key_path))
+    out = rayplane(cluster_env, "serve", "up", str(cfg))
+    assert out.returncode == 0, out.stderr + out.stdout
+    yield {"base_url": f"{local_cluster.serve_url}{prefix}/v1", "model": "tiny-chat",
+           "key_file": str(local_cluster.api_key_path)}
+    rayplane(cluster_env, "serve", "down", app, timeout=120)
+

@@ -20,12 +20,9 @@ from mlflow import MlflowClient
 from agents import platform
 from agents.graphs import ModelEndpointError, build_ops_graph, build_tools_graph, chat_model
 from raycluster.local import free_port
-from tests.integration.conftest import rayplane
 from tests.support import tiny_model as tm
 
 MODEL = "tiny-chat"
-REGISTERED = "agents-graphs-tiny"
-APP = "agents-tests"
 PREFIX = "/agents-tests"
 pytestmark = pytest.mark.timeout(900)
 
@@ -36,18 +33,9 @@ def model_dir() -> Path:
 
 
 @pytest.fixture(scope="module")
-def deployed(local_cluster, cluster_env, model_dir, tmp_path_factory):
-    """The tiny model behind the platform's API key, as ``rayplane serve up`` deploys it."""
-    tm.register_model(model_dir, REGISTERED, tracking_uri=local_cluster.mlflow_uri)
-    cfg = tmp_path_factory.mktemp("serve") / "serve.yaml"
-    cfg.write_text(tm.serve_config_yaml(name=APP, source=f"models:/{REGISTERED}@champion",
-                                        pool="a100-mig", route_prefix=PREFIX,
-                                        api_key_file=local_cluster.api_key_path))
-    out = rayplane(cluster_env, "serve", "up", str(cfg))
-    assert out.returncode == 0, out.stderr + out.stdout
-    yield {"base_url": f"{local_cluster.serve_url}{PREFIX}/v1",
-           "key_file": str(local_cluster.api_key_path)}
-    rayplane(cluster_env, "serve", "down", APP, timeout=120)
+def deployed(agent_model):
+    """The session's tiny model behind the platform's API key (tests/integration/conftest.py)."""
+    return agent_model
 
 
 def test_tools_graph_answers_from_the_real_calculator(deployed, cluster_env, monkeypatch):
