@@ -83,11 +83,13 @@ def rayplane(env: dict[str, str], *args: str, timeout: float = 420) -> subproces
                           capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def agent_model(local_cluster, cluster_env, tmp_path_factory) -> dict[str, str]:
-    """The tiny chat model (tests/support/tiny_model.py) that the agent tests drive, deployed
-    once per session with ``rayplane serve up`` from the registry, behind the platform's API
-    key: its OpenAI base URL, served name and key file."""
+    """The tiny chat model (tests/support/tiny_model.py) that an agent test module drives,
+    deployed with ``rayplane serve up`` from the registry, behind the platform's API key: its
+    OpenAI base URL, served name and key file. Module-scoped: its replica holds a unit of the
+    a100-mig pool, which the local node has two of, and later modules (the demo's smoke job
+    and its task) need both."""
     from tests.support import tiny_model as tm
 
     registered, app, prefix = "agents-tiny", "agents-model", "/agents-model"
