@@ -1,5 +1,6 @@
 """The platform tools' MCP server deployed on the session's Ray Serve (the cpu pool), used with
-the official ``mcp`` client and LangChain's MCP adapters, behind the platform's API key."""
+the official ``mcp`` client and as LangChain tools (agents.mcp_tools) in the tools graph,
+behind the platform's API key."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import httpx
 import pytest
 
 from agents.mcp_server import mcp_application
+from raycluster.errors import PlatformError
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -107,23 +109,56 @@ def test_mcp_refuses_without_or_with_a_wrong_key(mcp_url):
         _session_calls(mcp_url, {"Authorization": "Bearer not-a-key"})
 
 
-def test_langchain_loads_the_tools_over_mcp(mcp_url, api_key):
-    try:
-        from langchain_mcp_adapters.client import MultiServerMCPClient
-    except ImportError as err:
-        # Its releases cap mcp < 2 while vLLM 0.33 (the gpu extra) needs mcp >= 2.2, so the
-        # project's lock cannot hold both; a release built for mcp 2 runs this test.
-        pytest.skip(f"langchain-mcp-adapters is not installed beside the mcp 2 SDK ({err}); "
-                    "install a release built for mcp 2 to run this test")
+def test_langchain_tools_over_mcp_list_call_and_refuse_a_wrong_key(mcp_url, api_key):
+    """agents.mcp_tools: the server's tools as LangChain tools (langchain-mcp-adapters does not
+    run on the mcp 2 SDK), each call one MCP tools/call; a wrong key is a one-line error
+    naming the server."""
+    from agents.mcp_tools import aload_mcp_tools, load_mcp_tools
 
     async def go():
-        client = MultiServerMCPClient({"platform": {
-            "transport": "streamable_http", "url": mcp_url,
-            "headers": {"Authorization": f"Bearer {api_key}"}}})
-        tools = {t.name: t for t in await client.get_tools()}
-        return list(tools), await tools["convert_units"].ainvoke(
+        tools = {t.name: t for t in await aload_mcp_tools(mcp_url, api_key=api_key)}
+        return tools, await tools["convert_units"].ainvoke(
             {"value": 1.5, "from_unit": "km", "to_unit": "m"})
 
-    names, result = asyncio.run(go())
-    assert names == TOOLS
-    assert "1500" in str(result)
+    tools, result = asyncio.run(go())
+    assert list(tools) == TOOLS
+    assert result == {"result": 1500, "unit": "m"} or "1500" in str(result)
+    # The schema the model sees is the server's: the calculator takes one expression.
+    assert list(tools["calculator"].args) == ["expression"]
+    # A sync caller gets the same tools.
+    assert [t.name for t in load_mcp_tools(mcp_url, api_key=api_key)] == TOOLS
+    with pytest.raises(PlatformError, match=f"MCP server {mcp_url}: .*401"):
+        load_mcp_tools(mcp_url, api_key="not-a-key", timeout_s=20)
+
+
+def test_tools_graph_runs_its_tools_over_mcp(mcp_url, local_cluster, agent_model, monkeypatch):
+    """An agents app with ``mcp.use_in_graphs``: its tools graph loads every tool from the MCP
+    app (through this host's Serve proxy, with the app's own key); the served model asks for
+    the calculator, the call goes over MCP to the Serve replica, the answer uses its result."""
+    from langchain_core.messages import AIMessage, ToolMessage
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    from agents.server.graphs import Registry
+    from agents.spec import AgentsAppConfig
+
+    monkeypatch.setenv("RAYPLANE_SERVE_PORT", str(local_cluster.ports["serve"]))
+    config = AgentsAppConfig.parse({
+        "graphs": ["tools"], "tracing": False,
+        "model": {"base_url": agent_model["base_url"], "model": agent_model["model"],
+                  "api_key_file": agent_model["key_file"], "timeout_s": 60},
+        "mcp": {"route_prefix": PREFIX, "use_in_graphs": True},
+        "api_keys": {"file": str(local_cluster.api_key_path)}})
+    registry = Registry(config, {})
+
+    async def go():
+        await registry.build(InMemorySaver())
+        graph = registry.graph("tools")
+        return await graph.ainvoke({"messages": [("user", "What is 12*7?")]},
+                                   {"configurable": {"thread_id": "mcp"}})
+
+    out = asyncio.run(go())
+    _, call, result, answer = out["messages"]
+    assert isinstance(call, AIMessage) and call.tool_calls[0]["name"] == "calculator"
+    assert isinstance(result, ToolMessage) and result.status == "success"
+    assert "84" in str(result.content)
+    assert "84" in answer.content and out["status"] == "answered"
