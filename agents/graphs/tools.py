@@ -14,6 +14,12 @@ its last allowed call is stopped there, with its calls answered as not run (the 
 a valid chat), a final ``AIMessage`` saying so and ``status: "step_limit"``, never a
 ``GraphRecursionError``. A run also stops this way when LangGraph's own recursion limit
 (``config["recursion_limit"]``) would end it first.
+
+A tool that raises is answered to the model as ``{"error": ...}`` and, by the graph's
+``tool_errors`` policy, the model goes on (``continue``: it may retry or explain) or the run
+ends there (``stop``: a final message names the tool and ``status: "tool_error"``). A tool
+that returns ``{"error": ...}`` itself (the platform tools do, for an unknown pool) answered
+normally and is not a raise.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ from train import tools as trained
 
 DEFAULT_STEP_LIMIT = 8
 #: Statuses of a run: the model is still working, it answered, or it was stopped.
-Status = Literal["running", "answered", "step_limit"]
+Status = Literal["running", "answered", "step_limit", "tool_error"]
+ToolErrors = Literal["continue", "stop"]
 
 
 class ToolsState(MessagesState):
@@ -76,18 +83,32 @@ def model_calls(messages: Sequence[Any]) -> int:
     return n
 
 
+def failed_tools(messages: Sequence[Any]) -> list[ToolMessage]:
+    """The error ToolMessages of the last tools step (a tool that raised)."""
+    out = []
+    for message in reversed(messages):
+        if not isinstance(message, ToolMessage):
+            break
+        if message.status == "error":
+            out.append(message)
+    return out[::-1]
+
+
 def build_tools_graph(model: Any, tools: Sequence[BaseTool | Callable[..., Any]], *,
                       step_limit: int = DEFAULT_STEP_LIMIT, system_prompt: str | None = None,
-                      checkpointer: Any = None):
+                      checkpointer: Any = None, tool_errors: ToolErrors = "continue"):
     """The compiled graph. ``model`` is a LangChain chat model (``chat_model(...)``);
     ``tools`` are LangChain tools or plain functions returning JSON-able values;
     ``step_limit`` is the most model calls for one question; ``system_prompt``, when given,
-    is sent first on every call (not stored in the state); ``checkpointer`` keeps threads.
+    is sent first on every call (not stored in the state); ``checkpointer`` keeps threads;
+    ``tool_errors`` says whether a raising tool ends the run (``stop``) or not.
 
     Invoke with ``{"messages": [("user", "What is 12*7?")]}``; the result holds the chat
     (the last message is the answer) and ``status``."""
     if step_limit < 1:
         raise ValueError(f"step_limit must be at least 1, not {step_limit}")
+    if tool_errors not in ("continue", "stop"):
+        raise ValueError(f"tool_errors must be 'continue' or 'stop', not {tool_errors!r}")
     lc_tools = [as_tool(t) for t in tools]
     names = [t.name for t in lc_tools]
     if not names:
@@ -123,17 +144,32 @@ def build_tools_graph(model: Any, tools: Sequence[BaseTool | Callable[..., Any]]
     async def acall_model(state: ToolsState) -> dict[str, Any]:
         return after(state, await ainvoke_model(bound, prompt(state), base_url=endpoint))
 
+    def after_tools(state: ToolsState) -> str:
+        return "stop" if failed_tools(state["messages"]) else "model"
+
+    def stop(state: ToolsState) -> dict[str, Any]:
+        failed = failed_tools(state["messages"])
+        names = ", ".join(m.name or "a tool" for m in failed)
+        detail = failed[0].content if failed else ""
+        return {"messages": [AIMessage(f"Stopped: {names} failed ({detail}); the run's tool "
+                                       "error policy is stop.")], "status": "tool_error"}
+
     graph = StateGraph(ToolsState)
     graph.add_node("model", RunnableLambda(call_model, afunc=acall_model, name="model"))
     graph.add_node("tools", ToolNode(lc_tools, handle_tool_errors=tool_error))
     graph.add_edge(START, "model")
     graph.add_conditional_edges("model", tools_condition, ["tools", END])
-    graph.add_edge("tools", "model")
+    if tool_errors == "stop":
+        graph.add_node("stop", stop)
+        graph.add_conditional_edges("tools", after_tools, ["model", "stop"])
+        graph.add_edge("stop", END)
+    else:
+        graph.add_edge("tools", "model")
     # Room for every allowed model call and its tools, so the step limit, not LangGraph's
     # default recursion limit (25), ends a long run.
     return graph.compile(checkpointer=checkpointer, name="tools").with_config(
         recursion_limit=2 * step_limit + 4)
 
 
-__all__ = ["DEFAULT_STEP_LIMIT", "ToolsState", "as_tool", "build_tools_graph", "model_calls",
-           "tool_error"]
+__all__ = ["DEFAULT_STEP_LIMIT", "ToolErrors", "ToolsState", "as_tool", "build_tools_graph",
+           "failed_tools", "model_calls", "tool_error"]

@@ -170,6 +170,23 @@ def test_a_raising_tool_is_reported_to_the_model_and_the_graph_goes_on():
     assert model.prompts[1][-1] == errors[0]  # the model saw the error
 
 
+def test_with_tool_errors_stop_a_raising_tool_ends_the_run_naming_it():
+    def flaky(x: str) -> dict:
+        """A tool whose backend is down."""
+        raise ConnectionError("backend unreachable")
+
+    model = ScriptedModel(messages=iter([call("flaky", x="1"), "never asked"]))
+    out = ask(build_tools_graph(model, [flaky], tool_errors="stop"), "go")
+    assert out["status"] == "tool_error"
+    assert len(model.prompts) == 1  # the model was not called again
+    final = out["messages"][-1]
+    assert "flaky failed" in final.content and "backend unreachable" in final.content
+    # A tool that answers {"error": ...} itself did not raise: the run goes on.
+    model = ScriptedModel(messages=iter([call("pool_info", pool="nope", fact="gpu"), "No such pool."]))
+    out = ask(build_tools_graph(model, [platform.pool_info], tool_errors="stop"), "go")
+    assert out["status"] == "answered"
+
+
 def test_tools_graph_refuses_bad_arguments():
     model = ScriptedModel(messages=iter([]))
     with pytest.raises(ValueError, match="step_limit"):
@@ -178,6 +195,8 @@ def test_tools_graph_refuses_bad_arguments():
         build_tools_graph(model, [])
     with pytest.raises(ValueError, match="unique"):
         build_tools_graph(model, [platform.calculator, train_tools.calculator])
+    with pytest.raises(ValueError, match="tool_errors"):
+        build_tools_graph(model, [platform.calculator], tool_errors="ignore")
 
 
 # -- the model's endpoint ----------------------------------------------------------------------
