@@ -152,17 +152,12 @@ class RayJobSpec(Spec):
                                               description="Delete the cluster when the job ends.")
 
 
-class RayServiceSpec(Spec):
-    """A RayService: a serve config on a RayCluster with zero-downtime upgrades."""
+class _ServeClusterSpec(Spec):
+    """What every RayService of an environment sets: its name, GCS fault tolerance, upgrades
+    and the Serve ingress on its pods."""
 
-    config: str = Field(description="Serve config (serve/configs/*.yaml), relative to the "
-                                    "repository root.")
-    name: str | None = Field(default=None, description="RayService name (default: the serve "
+    name: str | None = Field(default=None, description="RayService name (default: the "
                                                        "config's name).")
-    namespace: str = Field(default="inference", description="Namespace of the RayService.")
-    priority_class: str | None = Field(default=None,
-                                       description="Priority class (default: the GPU pool's "
-                                                   "of its models).")
     gcs_fault_tolerance: bool = Field(default=True, description="GCS FT with the external Redis "
                                                                 "(a restarted head keeps apps).")
     upgrade_strategy: str = Field(default="NewCluster",
@@ -188,6 +183,52 @@ class RayServiceSpec(Spec):
         if v not in valid:
             raise ValueError(f"must be one of {', '.join(valid)}{did_you_mean(v, valid)}")
         return v
+
+
+class RayServiceSpec(_ServeClusterSpec):
+    """A RayService: a serve config on a RayCluster with zero-downtime upgrades."""
+
+    config: str = Field(description="Serve config (serve/configs/*.yaml), relative to the "
+                                    "repository root.")
+    namespace: str = Field(default="inference", description="Namespace of the RayService.")
+    priority_class: str | None = Field(default=None,
+                                       description="Priority class (default: the GPU pool's "
+                                                   "of its models).")
+
+
+class AgentsDatabase(Spec):
+    """The PostgreSQL server where the agents' threads live: the RDS instance Terraform
+    creates (module platform-services), reached with the password RDS manages in Secrets
+    Manager. LangGraph's checkpoint tables sit beside MLflow's in its database; their names
+    do not meet."""
+
+    host: str = Field(description="Host name (Terraform output mlflow_db_address).")
+    port: int = Field(default=5432, ge=1, le=65535, description="Port (mlflow_db_port).")
+    database: str = Field(default="mlflow", description="Database (mlflow_db_name).")
+    secret: str = Field(description="Secrets Manager secret RDS manages for the database, "
+                                    "JSON keys username and password (Terraform output "
+                                    "mlflow_db_secret_arn).")
+    sslmode: str = Field(default="require", description="libpq sslmode: the instance's "
+                                                        "parameter group forces TLS.")
+
+    @field_validator("sslmode")
+    @classmethod
+    def _sslmode(cls, v: str) -> str:
+        valid = ("require", "verify-ca", "verify-full")
+        if v not in valid:
+            raise ValueError(f"must be one of {', '.join(valid)} (the database refuses "
+                             f"plain connections){did_you_mean(v, valid)}")
+        return v
+
+
+class AgentsServiceSpec(_ServeClusterSpec):
+    """The agents app as a RayService: an agents config (graphs, model endpoint, pool,
+    priority, autoscaling, keys) and the database its threads live in."""
+
+    config: str = Field(description="Agents config (agents/configs/*.yaml), relative to the "
+                                    "repository root.")
+    namespace: str = Field(default="agentic", description="Namespace of the RayService.")
+    database: AgentsDatabase = Field(description="Where the threads live (RDS PostgreSQL).")
 
 
 class RayCronJobSpec(RayJobSpec):
@@ -244,6 +285,8 @@ class Environment(Spec):
     clusters: list[ClusterSpec] = Field(default_factory=list, description="RayClusters.")
     jobs: list[RayJobSpec] = Field(default_factory=list, description="RayJobs.")
     services: list[RayServiceSpec] = Field(default_factory=list, description="RayServices.")
+    agents: list[AgentsServiceSpec] = Field(default_factory=list,
+                                            description="Agents apps, each a RayService.")
     cronjobs: list[RayCronJobSpec] = Field(default_factory=list, description="RayCronJobs.")
 
     @field_validator("kubernetes_version")
@@ -313,6 +356,6 @@ def load_environment(name_or_path: str | Path) -> Environment:
     return Environment.from_file(path)
 
 
-__all__ = ["ClusterSpec", "Environment", "GitOps", "HeadSpec", "Images", "RayCronJobSpec",
-           "RayJobSpec", "RayServiceSpec", "Storage", "WorkerGroupSpec", "environment_names",
-           "load_environment"]
+__all__ = ["AgentsDatabase", "AgentsServiceSpec", "ClusterSpec", "Environment", "GitOps",
+           "HeadSpec", "Images", "RayCronJobSpec", "RayJobSpec", "RayServiceSpec", "Storage",
+           "WorkerGroupSpec", "environment_names", "load_environment"]

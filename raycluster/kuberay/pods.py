@@ -28,7 +28,7 @@ from raycluster.policy import (
     cpu_quantity,
     pod_security_context,
 )
-from serve.config import ServeAppConfig
+from serve.config import ApiKeys
 
 #: Secret (key ``auth_token``) with the cluster token; External Secrets fills it from AWS
 #: Secrets Manager (raycluster.render), so KubeRay does not mint one per cluster and users
@@ -255,28 +255,42 @@ def submitter_template(env: Environment, name: str, namespace: str) -> dict:
     }
 
 
-def api_key_wiring(serve_cfg: ServeAppConfig, template: dict) -> None:
+def api_key_wiring(keys: ApiKeys | None, template: dict) -> None:
     """Hand the API keys to the Serve pods from the Secret External Secrets fills: as the env
-    variable or the file the serve config names."""
-    keys = serve_cfg.api_keys
+    variable or the file the config's ``api_keys`` names."""
     if keys is None:
         return
-    spec = template["spec"]
-    container = spec["containers"][0]
     if keys.env:
-        container["env"].append({"name": keys.env, "valueFrom": {"secretKeyRef": {
-            "name": API_KEYS_SECRET, "key": API_KEYS_SECRET_KEY}}})
-        annotations = template["metadata"]["annotations"]
-        annotations[f"checkov.io/skip{len(annotations) + 1}"] = (
-            "CKV_K8S_35=the serve config reads its API keys from an env variable "
-            "(api_keys.env); the value comes from a Secret filled by External Secrets")
+        secret_env(template, keys.env, API_KEYS_SECRET, API_KEYS_SECRET_KEY,
+                   why="the serve config reads its API keys from an env variable "
+                       "(api_keys.env)")
     if keys.file:
-        folder, _, name = keys.file.rpartition("/")
-        spec["volumes"].append({"name": "api-keys", "secret": {
-            "secretName": API_KEYS_SECRET, "defaultMode": 0o440,
-            "items": [{"key": API_KEYS_SECRET_KEY, "path": name}]}})
-        container["volumeMounts"].append({"name": "api-keys", "mountPath": folder or "/",
-                                          "readOnly": True})
+        secret_file(template, keys.file, API_KEYS_SECRET, API_KEYS_SECRET_KEY,
+                    volume="api-keys")
+
+
+def secret_env(template: dict, var: str, secret: str, key: str, *, why: str) -> None:
+    """Set ``var`` in the pod's Ray container from ``key`` of ``secret``. checkov prefers
+    secrets as files (CKV_K8S_35); where a config asks for an env variable, the pod says why
+    (once per pod)."""
+    container = template["spec"]["containers"][0]
+    container["env"].append({"name": var, "valueFrom": {"secretKeyRef": {
+        "name": secret, "key": key}}})
+    annotations = template["metadata"]["annotations"]
+    if not any(v.startswith("CKV_K8S_35=") for v in annotations.values()):
+        annotations[f"checkov.io/skip{len(annotations) + 1}"] = (
+            f"CKV_K8S_35={why}; the value comes from a Secret filled by External Secrets")
+
+
+def secret_file(template: dict, path: str, secret: str, key: str, *, volume: str) -> None:
+    """Mount ``key`` of ``secret`` read-only as the file ``path`` in the Ray container."""
+    spec = template["spec"]
+    folder, _, name = path.rpartition("/")
+    spec["volumes"].append({"name": volume, "secret": {
+        "secretName": secret, "defaultMode": 0o440,
+        "items": [{"key": key, "path": name}]}})
+    spec["containers"][0]["volumeMounts"].append({"name": volume, "mountPath": folder or "/",
+                                                  "readOnly": True})
 
 
 __all__ = [
@@ -290,6 +304,8 @@ __all__ = [
     "SHARED_CLAIM",
     "api_key_wiring",
     "head_group_spec",
+    "secret_env",
+    "secret_file",
     "submitter_template",
     "worker_group_spec",
 ]

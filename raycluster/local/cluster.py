@@ -148,7 +148,7 @@ class LocalCluster:
 
     @property
     def agents_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['agents']}"
+        return f"{self.serve_url}/agents"  # agents/configs/local.yaml's route prefix
 
     @property
     def postgres(self) -> LocalPostgres:
@@ -166,6 +166,7 @@ class LocalCluster:
             "RAYPLANE_STATE_DIR": str(self.state_dir),
             "RAYPLANE_SERVE_PORT": str(self.ports["serve"]),
             "RAYPLANE_API_KEY_FILE": str(self.api_key_path),
+            "RAYPLANE_AGENTS_URL": self.agents_url,
             "RAYPLANE_POSTGRES_DSN_FILE": str(self.postgres.dsn_path),
             "RAY_USAGE_STATS_ENABLED": "0",
         }

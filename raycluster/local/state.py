@@ -16,7 +16,7 @@ AUTH_MODE_ENV = "RAY_AUTH_MODE"
 AUTH_TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
 
 DEFAULT_PORTS = {"gcs": 6379, "dashboard": 8265, "client": 10001, "mlflow": 5000,
-                 "serve": 8000, "agents": 8001, "prometheus": 9090, "postgres": 5432}
+                 "serve": 8000, "prometheus": 9090, "postgres": 5432}
 #: Ports of the services that only run when asked for: port name -> the option that asks.
 OPTIONAL_PORTS = {"prometheus": "metrics"}
 PORT_ENV = {name: f"RAYPLANE_{name.upper()}_PORT" for name in DEFAULT_PORTS}

@@ -646,6 +646,11 @@ def test_external_secrets_role_reads_only_the_environments_secrets(deployment: D
     keys = {d["remoteRef"]["key"] for es in rendered("08-externalsecret.yaml")
             for d in es["spec"]["data"]}
     for key in keys:
+        if key.startswith("arn:"):
+            # The agents' DSN is composed from the RDS-managed password, named by its ARN
+            # (the environment's placeholder for the output mlflow_db_secret_arn).
+            assert fnmatch.fnmatchcase(key, "arn:aws:secretsmanager:*:secret:rds!db-*"), key
+            continue
         assert readable(f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:{key}-AbCdEf"), key
     assert readable(db_secret)
     assert not readable(f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:rayplane/staging/x-A")
@@ -784,6 +789,12 @@ def test_the_outputs_fill_the_environment_file(deployment: Deployment):
     env = Environment.parse(data)
     assert env.images.image(gpu=False) == f"{out['ecr_repository_url']}:2.60.0-py311-cpu"
     assert out["redis_auth_secret_name"] == f"{env.secrets_manager_prefix}/redis-auth-token"
+    # The agents' threads live in the database Terraform made, read with its managed password.
+    for app in data.get("agents", []):
+        app["database"].update(host=out["mlflow_db_address"], port=out["mlflow_db_port"],
+                               database=out["mlflow_db_name"], secret=out["mlflow_db_secret_arn"])
+    assert [a.database.secret for a in Environment.parse(data).agents] == [
+        out["mlflow_db_secret_arn"]]
 
 
 @applies
