@@ -1,7 +1,8 @@
 """The synthetic, seeded tool-use task the platform's own model learns.
 
-A user asks for arithmetic, a unit conversion or a fact about the cluster's pools; the
-assistant answers with a tool call (``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``),
+A user asks for arithmetic, a unit conversion, a fact about the cluster's pools or how many
+of a pool's units are free right now (the live platform tool ``pool_units``, with synthetic
+results of the shape it returns); the assistant answers with a tool call (``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``),
 the tool's result comes back, and the assistant answers in words. Greetings and thanks are
 answered directly. Every answer is a deterministic function of the conversation (the model
 copies numbers, it never computes them), so exact match is a fair measure.
@@ -9,6 +10,9 @@ copies numbers, it never computes them), so exact match is a fair measure.
 Splits never overlap: a user request belongs to train, validation or held-out by the hash of
 its text alone (independent of the seed), so no request text of the held-out split is ever
 trained on. The generator is deterministic for a seed.
+
+A conversation declares the trained tools (``TOOLS``), those the agents' ``tools`` graph
+declares (``AGENT_TOOLS``) or none: the model answers whichever prompt a client builds.
 
 ``python -m train.data --out DIR [--config CFG]`` writes ``train.jsonl``, ``val.jsonl``,
 ``heldout.jsonl`` and ``meta.json``: a data folder ``data_path`` can name.
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from train.tools import (
+    AGENT_TOOLS,
     POOL_FACTS,
     TOOLS,
     UNIT_DIMENSION,
@@ -36,6 +41,7 @@ from train.tools import (
     dumps,
     pool_facts,
     pool_info,
+    pool_units_result,
 )
 
 SPLITS = ("train", "val", "heldout")
@@ -50,6 +56,9 @@ SYSTEM_VARIANTS = [DEFAULT_SYSTEM, "You are a helpful assistant for the GPU clus
 GREETING_ANSWER = ("Hello! I can do arithmetic, convert units and answer questions about the "
                    "cluster's pools.")
 
+#: The tool lists a conversation may declare (``Example.toolset``).
+TOOLSETS: dict[str, list[dict[str, Any]]] = {"trained": TOOLS, "agent": AGENT_TOOLS}
+
 
 @dataclass
 class Example:
@@ -60,6 +69,7 @@ class Example:
     messages: list[dict[str, Any]]
     with_tools: bool = True
     split: str = ""
+    toolset: str = "trained"
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -68,16 +78,18 @@ class Example:
 
     @property
     def tools(self) -> list[dict[str, Any]] | None:
-        return TOOLS if self.with_tools else None
+        return TOOLSETS[self.toolset] if self.with_tools else None
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "intent": self.intent, "split": self.split,
-                "with_tools": self.with_tools, "messages": self.messages}
+                "with_tools": self.with_tools, "toolset": self.toolset,
+                "messages": self.messages}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Example:
         return cls(id=d["id"], intent=d["intent"], messages=d["messages"],
-                   with_tools=d.get("with_tools", True), split=d.get("split", ""))
+                   with_tools=d.get("with_tools", True), split=d.get("split", ""),
+                   toolset=d.get("toolset", "trained"))
 
     def turns(self) -> list[tuple[list[dict[str, Any]], str]]:
         """(prompt messages, expected assistant text) for every assistant turn: what the
@@ -154,6 +166,22 @@ POOL_TEMPLATES = {
               "{p}: how many nodes at most?", "Up to how many nodes does {p} grow?",
               "What is the largest size of the {p} pool in nodes?"],
 }
+# Live usage, never a catalog fact: every template says free / available / used / busy / now,
+# where a pool_info question asks about a node or the pool's make-up.
+POOL_UNITS_TEMPLATES = [
+    "How many free GPU units does the {p} pool have?", "How many GPU units are free in {p}?",
+    "How many GPU units are available on {p} right now?", "Are there free GPUs in the {p} pool?",
+    "{p}: free GPU units?", "What is the free capacity of {p}?", "How much of {p} is free?",
+    "Is there room on the {p} pool right now?", "Check the free units on {p}.", "{p} usage now?",
+    "How many GPUs can I still get on {p}?", "How many units of {p} are available?",
+    "How many GPU units are in use on {p}?", "How busy is the {p} pool?", "Free units in {p}?",
+    "How many units of {p} are used right now?", "What is the current usage of {p}?",
+    "{p}: used units?", "What is the live capacity of {p}?", "Show the current usage of {p}.",
+    "How many GPU units does the {p} pool have right now?", "Is the {p} pool full?",
+    "How many free units are left in the {p} pool?", "How many {p} units are free at the moment?"]
+#: What the local platform emulates per GPU pool node (raycluster.local: 2 units per node).
+LOCAL_UNITS_PER_NODE = 2
+
 FAKE_POOLS = ["v100", "t4-pool", "tpu-v5", "l4-timeslice", "a10g", "h200-mig", "gpu",
               "a100-mps", "cpu-large", "inference"]
 
@@ -276,14 +304,53 @@ def _pool(rng: random.Random) -> tuple[str, list[dict[str, Any]], dict[str, Any]
                   {"role": "assistant", "content": pool_answer(pool, fact, result)}], args
 
 
+def pool_units_answer(pool: str, result: dict[str, Any]) -> str:
+    """The answer to a live-usage question, a function of the pool_units result alone: one
+    sentence with free, total and used units, whichever of them was asked."""
+    if "error" in result:
+        return f"There is no pool named {pool}."
+    unit = "CPUs" if result.get("unit") == "cpus" else "GPU units"
+    if result.get("free") is None:
+        return (f"The {pool} pool has {result['total']} {unit}; the cluster has not reported "
+                "how many are free yet.")
+    return (f"The {pool} pool has {result['free']} free {unit} of {result['total']} "
+            f"({result['used']} used).")
+
+
+def _pool_units(rng: random.Random) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
+    facts = pool_facts()
+    pools = list(facts)
+    pool = rng.choice(FAKE_POOLS) if rng.random() < 0.1 else rng.choice(pools)
+    text = rng.choice(POOL_UNITS_TEMPLATES).format(p=pool)
+    if pool in facts:
+        gpu = bool(facts[pool]["units"])
+        # The catalog's node sizes (EKS) or the local platform's emulated ones.
+        nodes = rng.randint(1, facts[pool]["nodes"])
+        total = nodes * (rng.choice([facts[pool]["units"], LOCAL_UNITS_PER_NODE, rng.randint(
+            1, 8)]) if gpu else rng.choice([2, 4, 8, 16, 32]))
+        used: float | None = rng.randint(0, total)
+        if rng.random() < 0.25 and used:  # fractional requests (0.1 CPU for a Serve proxy)
+            used = round(used - rng.randint(1, 9) / 10, 1)
+        if rng.random() < 0.05:
+            used = None
+        result = pool_units_result(pool, unit="gpu_units" if gpu else "cpus", total=total,
+                                   used=used, nodes=nodes)
+    else:
+        result = pool_units_result(pool, pools=pools)
+    args = {"pool": pool}
+    return text, [_tool_call("pool_units", args), {"role": "tool", "content": dumps(result)},
+                  {"role": "assistant", "content": pool_units_answer(pool, result)}], args
+
+
 def _chat(rng: random.Random) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
     kind = rng.choice(list(CHAT))
     texts, answer = CHAT[kind]
     return rng.choice(texts), [{"role": "assistant", "content": answer}], {}
 
 
-INTENTS = {"calculator": (_arith, 0.36), "convert_units": (_convert, 0.30),
-           "pool_info": (_pool, 0.28), "chat": (_chat, 0.06)}
+INTENTS = {"calculator": (_arith, 0.30), "convert_units": (_convert, 0.25),
+           "pool_info": (_pool, 0.22), "pool_units": (_pool_units, 0.18),
+           "chat": (_chat, 0.05)}
 
 
 def stream(seed: int) -> Iterator[Example]:
@@ -299,13 +366,16 @@ def stream(seed: int) -> Iterator[Example]:
         r = rng.random()
         messages: list[dict[str, Any]] = []
         with_tools = r < 0.9
-        if r < 0.75:
+        # The agents' graph sends no system prompt unless configured: more prompts without one.
+        if r < 0.6:
             messages.append({"role": "system", "content": DEFAULT_SYSTEM})
-        elif r < 0.85:
+        elif r < 0.7:
             messages.append({"role": "system", "content": rng.choice(SYSTEM_VARIANTS[1:])})
+        toolset = "agent" if rng.random() < 0.5 else "trained"
         messages.append({"role": "user", "content": text})
         messages += replies
-        yield Example(id=f"{seed}-{i}", intent=intent, messages=messages, with_tools=with_tools)
+        yield Example(id=f"{seed}-{i}", intent=intent, messages=messages, with_tools=with_tools,
+                      toolset=toolset)
         i += 1
 
 
@@ -351,13 +421,11 @@ def read_split(folder: str | Path, split: str) -> list[Example]:
 
 
 def missing_files(folder: str | Path) -> list[str]:
-    folder = Path(folder)
-    return [name for name in SPLIT_FILES.values() if not (folder / name).is_file()]
+    return [name for name in SPLIT_FILES.values() if not (Path(folder) / name).is_file()]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.data", description=__doc__.split(
-        "\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train.data", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="Folder to write the splits to.")
     parser.add_argument("--config", help="Training config whose data sizes and seed to use.")
     parser.add_argument("--seed", type=int, help="Seed (default: the config's, else 0).")

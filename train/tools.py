@@ -2,7 +2,8 @@
 
 The model learns to call exactly these tools; the agent graphs run the same
 implementations, so a call the model emits and the result the graph feeds back have the shape
-the model was trained on. Results are compact JSON objects; numbers are formatted by
+the model was trained on. One of them reads the live cluster and so lives with the agents
+(``pool_units``, agents/platform.py): here are its definition and result shape only. Results are compact JSON objects; numbers are formatted by
 ``format_number`` so that the model only ever copies them, never computes them.
 """
 
@@ -40,7 +41,47 @@ TOOLS: list[dict[str, Any]] = [
             "required": ["pool", "fact"]}}},
 ]
 
+#: The live platform tool the model also learns to call. Its implementation reads the cluster
+#: (``agents.platform.pool_units``: free/total units from Ray's state API), which training
+#: cannot import; the definition is the one the agents declare, word for word (a unit test in
+#: tests/unit/agents holds the two equal), and :func:`pool_units_result` has its result shape.
+POOL_UNITS_TOOL: dict[str, Any] = {"type": "function", "function": {
+    "name": "pool_units",
+    "description": ("Live capacity of one node pool: its total, used and free units right now "
+                    "(GPU units --\n    whole GPUs, time-slice replicas or MIG instances -- on a "
+                    "GPU pool, CPUs on the cpu pool)."),
+    "parameters": {"type": "object", "properties": {
+        "pool": {"description": "pool name, e.g. a100-mig, a100-timeslice, cpu",
+                 "type": "string"}},
+        "required": ["pool"]}}}
+TOOLS.append(POOL_UNITS_TOOL)
+
 TOOL_NAMES = [t["function"]["name"] for t in TOOLS]
+
+#: The other platform tools, as the agents declare them (agents/platform.py: ``jobs``,
+#: ``registered_models``). The model never calls them, but the ``tools`` graph lists them in
+#: every prompt, so training renders that prompt too.
+_JOBS_TOOL: dict[str, Any] = {"type": "function", "function": {
+    "name": "jobs",
+    "description": ("Ray jobs of the cluster, running ones and the most recent: submission id, "
+                    "status,\n    entrypoint and start/end time (ISO 8601, UTC)."),
+    "parameters": {"type": "object", "properties": {
+        "limit": {"default": 10, "description": "how many jobs, newest first (at most 100)",
+                  "type": "integer"}}}}}
+_REGISTERED_MODELS_TOOL: dict[str, Any] = {"type": "function", "function": {
+    "name": "registered_models",
+    "description": ("Models in the platform's MLflow registry with their versions, aliases "
+                    "(champion,\n    candidate) and the evaluation metric (eval_exact_match) "
+                    "their training run logged."),
+    "parameters": {"type": "object", "properties": {
+        "name": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None,
+                 "description": "one registered model, or all when omitted"}}}}}
+
+#: The tools the agents' ``tools`` graph declares with the platform's tool list
+#: (``agents.platform.platform_tools``), in its order: the prompt the served model sees there.
+AGENT_TOOLS: list[dict[str, Any]] = [
+    POOL_UNITS_TOOL, _JOBS_TOOL, _REGISTERED_MODELS_TOOL,
+    *(t for t in TOOLS if t is not POOL_UNITS_TOOL)]
 
 # Units by dimension, in the dimension's base unit (m, g, s, byte).
 UNITS: dict[str, dict[str, float]] = {
@@ -139,6 +180,27 @@ def pool_info(pool: str, fact: str) -> dict[str, Any]:
     return {"pool": pool, fact: facts[pool][fact]}
 
 
+def pool_units_result(pool: str, *, unit: str = "gpu_units", total: float = 0.0,
+                      used: float | None = 0.0, nodes: int = 0,
+                      pools: list[str] | None = None) -> dict[str, Any]:
+    """A result of the live ``pool_units`` tool for a cluster in the given state, in exactly
+    the shape (keys, their order, number format) agents.platform returns: ``used=None`` is a
+    cluster that has not reported usage yet; a pool not in ``pools`` is an error."""
+    if pools is not None and pool not in pools:
+        from raycluster.spec import did_you_mean
+
+        return {"error": f"unknown pool {pool!r}{did_you_mean(pool, pools)}; pools: "
+                         f"{', '.join(pools)}"}
+    result: dict[str, Any] = {"pool": pool, "unit": unit, "total": format_number(total),
+                              "used": None, "free": None, "nodes": nodes}
+    if used is None:
+        result["note"] = "the cluster has not reported usage yet"
+    else:
+        result.update(used=format_number(used), free=format_number(max(total - used, 0.0)))
+    return result
+
+
+#: Tools that run here; ``pool_units`` reads a live cluster (agents.platform).
 IMPLEMENTATIONS = {"calculator": calculator, "convert_units": convert_units,
                    "pool_info": pool_info}
 

@@ -6,9 +6,15 @@ the one the platform serves), ``train.model.build_model`` and ``save_model_folde
 trained for a few hundred steps on a handful of conversations so that greedy decoding
 reproduces them: a greeting, a tool call, an answer from the tool's result (the real
 calculator's, exactly as the agent graphs send it back), a plain-text continuation and a
-"version" line that tells two registered versions apart. Assertions on its output are
-therefore real: the server must render the chat template, decode and parse tool calls exactly
-for the tests to pass.
+"version" line that tells two registered versions apart. It also asks the live platform tool
+``pool_units`` how many units of the a100-mig pool are free and answers from each result the
+local test platform can give (2 units, 0 to 2 of them used, or usage not reported yet), so an
+agent's answer follows the cluster's state. It answers the calculator question inside the
+prompt CrewAI builds for the platform's crew too (agents/frameworks/crew.py), so the CrewAI
+example runs on it. The tool calls are learnt under the tool lists
+clients declare: the tests' own, the agents' ``tools`` graph's (``train.tools.AGENT_TOOLS``)
+and none. Assertions on its output are therefore real: the server must render the chat
+template, decode and parse tool calls exactly for the tests to pass.
 
 Training samples are token ids exactly as the server builds them: a chat is the template
 applied to it (special tokens split the text, so a prompt is a prefix of its conversation's
@@ -25,7 +31,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from train.tools import calculator
+from agents.frameworks.crew import crew_messages
+from train.data import pool_units_answer
+from train.tools import AGENT_TOOLS, POOL_UNITS_TOOL, calculator, pool_units_result
 
 CALCULATOR = {
     "type": "function",
@@ -60,30 +68,67 @@ TOOL_CALL = {"name": "calculator", "arguments": {"expression": "12*7"}}
 #: ToolNode sends it (the JSON of the returned dict), ``{"result": 84}``.
 TOOL_RESULT = json.dumps(calculator(**TOOL_CALL["arguments"]), ensure_ascii=False)
 TOOL_ANSWER = "12 * 7 = 84."
+POOL_QUESTION = [{"role": "user",
+                  "content": "How many free GPU units does the a100-mig pool have?"}]
+POOL_CALL = {"name": "pool_units", "arguments": {"pool": "a100-mig"}}
+#: The local test platform's a100-mig pool: one node standing for 2 units.
+POOL_TOTAL, POOL_NODES = 2, 1
+
+
+def pool_result(used: int | None) -> dict:
+    """What ``agents.platform.pool_units("a100-mig")`` returns on the test platform with
+    ``used`` units held (None: usage not reported yet)."""
+    return pool_units_result("a100-mig", total=POOL_TOTAL, used=used, nodes=POOL_NODES)
+
+
+def pool_answer(result: dict) -> str:
+    """The tiny model's answer to :data:`POOL_QUESTION` given the tool's ``result``."""
+    return pool_units_answer("a100-mig", result)
+
+
 VERSION_QUESTION = [{"role": "user", "content": "Which version are you?"}]
 COMPLETION_PROMPT = "The quick brown fox"
 COMPLETION_TEXT = " jumps over the lazy dog and runs into the forest."
 
 #: Bumped whenever the model changes, so a cached folder of an older build is not reused.
-BUILD = "r2"
+BUILD = "r4"
 
 
 def version_reply(version: str) -> str:
     return f"I am version {version}."
 
 
-def conversations(version: str) -> list[list[dict]]:
-    """The chats the tiny model is trained on (each with and without tools declared)."""
-    call = {"id": "call_0", "type": "function",
-            "function": {"name": TOOL_CALL["name"], "arguments": TOOL_CALL["arguments"]}}
-    return [
-        GREETING + [{"role": "assistant", "content": GREETING_REPLY}],
-        TOOL_QUESTION + [{"role": "assistant", "content": "", "tool_calls": [call]}],
-        TOOL_QUESTION + [{"role": "assistant", "content": "", "tool_calls": [call]},
-                         {"role": "tool", "content": TOOL_RESULT},
-                         {"role": "assistant", "content": TOOL_ANSWER}],
-        VERSION_QUESTION + [{"role": "assistant", "content": version_reply(version)}],
+#: The tool lists a chat is trained under: none, the tests' own, the agents' tools graph's
+#: (the platform tools first) and pool_units alone.
+TOOLSETS = [None, TOOLS, AGENT_TOOLS, [POOL_UNITS_TOOL]]
+
+
+def _exchange(question: list[dict], call: dict, result: str, answer: str) -> list[dict]:
+    message = {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_0", "type": "function",
+         "function": {"name": call["name"], "arguments": call["arguments"]}}]}
+    return question + [message, {"role": "tool", "content": result},
+                       {"role": "assistant", "content": answer}]
+
+
+def conversations(version: str) -> list[tuple[list[dict], list]]:
+    """The chats the tiny model is trained on, each with the tool lists it is declared with."""
+    calc = _exchange(TOOL_QUESTION, TOOL_CALL, TOOL_RESULT, TOOL_ANSWER)
+    chats = [
+        (GREETING + [{"role": "assistant", "content": GREETING_REPLY}], TOOLSETS[:2]),
+        (calc[:2], TOOLSETS[:3]), (calc, TOOLSETS[:3]),
+        (VERSION_QUESTION + [{"role": "assistant", "content": version_reply(version)}],
+         TOOLSETS[:2]),
     ]
+    for used in (0, 1, 2, None):
+        result = pool_result(used)
+        chats.append((_exchange(POOL_QUESTION, POOL_CALL, json.dumps(result, ensure_ascii=False),
+                                pool_answer(result)), TOOLSETS))
+    # The crew's own prompt (role, goal and task around the question), with its two tools.
+    crew = _exchange(crew_messages(TOOL_QUESTION[0]["content"]), TOOL_CALL, TOOL_RESULT,
+                     TOOL_ANSWER)
+    chats += [(crew[:3], [TOOLS]), (crew, [TOOLS])]
+    return chats
 
 
 def _samples(tok, version: str) -> list[list[int]]:
@@ -101,8 +146,8 @@ def _samples(tok, version: str) -> list[list[int]]:
 
     end = tok.convert_tokens_to_ids(END)
     samples = []
-    for chat in conversations(version):
-        samples += [template(chat), template(chat, TOOLS)]
+    for chat, toolsets in conversations(version):
+        samples += [template(chat, tools) for tools in toolsets]
     # tool_choice naming the calculator: the prompt ends with the forced prefix, encoded alone.
     named = NamedToolChoice.model_validate({"type": "function",
                                             "function": {"name": TOOL_CALL["name"]}})
@@ -117,8 +162,8 @@ def _samples(tok, version: str) -> list[list[int]]:
 
 def make_tiny_model(path: str | Path, *, version: str = "1", steps: int = 300, seed: int = 0,
                     n_layer: int = 2, n_embd: int = 64, n_head: int = 2,
-                    n_positions: int = 256) -> Path:
-    """Write a trained tiny GPT-2 folder to ``path`` and return it. Seconds on one core.
+                    n_positions: int = 512) -> Path:
+    """Write a trained tiny GPT-2 folder to ``path`` and return it. A minute or two of one core.
 
     ``version`` changes what the model answers to :data:`VERSION_QUESTION`, so two folders
     made with different versions are told apart by their output."""
@@ -130,25 +175,34 @@ def make_tiny_model(path: str | Path, *, version: str = "1", steps: int = 300, s
 
     path = Path(path)
     chats = conversations(version)
-    corpus = [render_text(c, tools) for c in chats for tools in (None, TOOLS)]
+    corpus = [render_text(c, tools) for c, toolsets in chats for tools in toolsets]
     corpus.append(COMPLETION_PROMPT + COMPLETION_TEXT)
     tok = train_tokenizer(corpus * 2, vocab_size=400)  # twice: BPE merges need 2 occurrences
     size = ModelSize(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions)
     model = build_model(size, tok, seed=seed)
-    batch = _samples(tok, version)
     pad_id = tok.convert_tokens_to_ids(PAD)
-    width = max(map(len, batch))
-    ids = torch.full((len(batch), width), pad_id)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, row in enumerate(batch):
-        ids[i, :len(row)] = torch.tensor(row)
-        mask[i, :len(row)] = 1
-    labels = ids.masked_fill(mask == 0, -100)
+    # Two padded batches, the crew's long prompts apart from the short chats: one batch
+    # padded to the longest sample would cost two and a half times as much a step.
+    samples = sorted(_samples(tok, version), key=len)
+    cut = next((i for i, row in enumerate(samples) if len(row) > 2 * len(samples[0]) + 64),
+               len(samples))
+    batches = []
+    for group in (samples[:cut], samples[cut:]):
+        if not group:
+            continue
+        width = max(map(len, group))
+        ids = torch.full((len(group), width), pad_id)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for i, row in enumerate(group):
+            ids[i, :len(row)] = torch.tensor(row)
+            mask[i, :len(row)] = 1
+        batches.append((ids, mask, ids.masked_fill(mask == 0, -100)))
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(steps):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = sum(model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                   for ids, mask, labels in batches)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -105,11 +105,12 @@ def test_seed_makes_sampling_reproducible(engine):
 
 def test_context_and_budget_limits_are_400s(engine):
     with pytest.raises(EngineError) as err:
-        engine.check(list(range(5)) * 100, SamplingParams())
+        engine.check(list(range(5)) * 200, SamplingParams())
     assert err.value.status == 400 and err.value.code == "context_length_exceeded"
-    with pytest.raises(EngineError, match="maximum context length is 256"):
-        engine.check([1, 2, 3], SamplingParams(max_tokens=1000))
-    assert engine.check([1, 2, 3], SamplingParams()) == 256 - 3
+    context = engine.max_model_len
+    with pytest.raises(EngineError, match=f"maximum context length is {context}"):
+        engine.check([1, 2, 3], SamplingParams(max_tokens=2 * context))
+    assert engine.check([1, 2, 3], SamplingParams()) == context - 3
 
 
 def test_cancelled_stream_leaves_the_batch(engine):

@@ -146,7 +146,7 @@ def test_completions_with_several_prompts_and_n(serving):
 
 
 def test_too_long_prompt_is_refused_before_the_stream_starts(serving):
-    gen = serving.chat_stream(chat(messages=[{"role": "user", "content": "word " * 400}],
+    gen = serving.chat_stream(chat(messages=[{"role": "user", "content": "word " * 1200}],
                                    stream=True))
     with pytest.raises(EngineError) as err:
         asyncio.run(gen.__anext__())

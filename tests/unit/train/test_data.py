@@ -9,16 +9,30 @@ import pytest
 
 from raycluster.catalog import load_catalog
 from train.data import (
+    POOL_TEMPLATES,
+    POOL_UNITS_TEMPLATES,
     SPLITS,
     Example,
     generate,
     main,
     missing_files,
     pool_answer,
+    pool_units_answer,
     read_split,
     split_of,
 )
-from train.tools import TOOL_NAMES, calculator, convert_units, pool_facts, pool_info, run_tool
+from train.tokenizer import render_text
+from train.tools import (
+    AGENT_TOOLS,
+    TOOL_NAMES,
+    TOOLS,
+    calculator,
+    convert_units,
+    pool_facts,
+    pool_info,
+    pool_units_result,
+    run_tool,
+)
 
 SIZES = {"train": 1500, "val": 150, "heldout": 150}
 
@@ -40,7 +54,7 @@ def test_sizes_and_every_intent_present(splits):
     assert {s: len(v) for s, v in splits.items()} == SIZES
     for split in ("train", "heldout"):
         intents = {e.intent for e in splits[split]}
-        assert {"calculator", "convert_units", "pool_info"} <= intents
+        assert {"calculator", "convert_units", "pool_info", "pool_units"} <= intents
 
 
 def test_splits_never_share_a_request(splits):
@@ -66,7 +80,14 @@ def test_tool_results_are_what_the_tools_return(splits):
         call = calls[0]["tool_calls"][0]["function"]
         assert call["name"] in TOOL_NAMES
         tool_msg = next(m for m in msgs if m["role"] == "tool")
-        assert json.loads(tool_msg["content"]) == run_tool(call["name"], call["arguments"])
+        result = json.loads(tool_msg["content"])
+        if call["name"] == "pool_units":  # a live tool: a synthetic result of its exact shape
+            assert result == pool_units_result(
+                call["arguments"]["pool"], unit=result.get("unit"), total=result.get("total"),
+                used=result.get("used"), nodes=result.get("nodes"),
+                pools=None if "error" not in result else list(pool_facts()))
+            continue
+        assert result == run_tool(call["name"], call["arguments"])
 
 
 def test_answers_quote_the_tool_result(splits):
@@ -77,6 +98,74 @@ def test_answers_quote_the_tool_result(splits):
         answer = ex.messages[-1]["content"]
         if "result" in result:
             assert str(result["result"]) in answer
+
+
+def test_every_tool_has_results_followed_by_an_answer(splits):
+    """The tools graph sends each tool's result back: the model must have learnt to answer
+    from it, for every tool it calls, under both tool lists a client declares."""
+    seen = set()
+    for ex in splits["train"]:
+        roles = [m["role"] for m in ex.messages if m["role"] != "system"]
+        if ex.intent == "chat":
+            assert roles == ["user", "assistant"]
+            continue
+        assert roles == ["user", "assistant", "tool", "assistant"]
+        call = ex.messages[-3]["tool_calls"][0]["function"]["name"]
+        assert ex.messages[-1]["content"] and not ex.messages[-1].get("tool_calls")
+        seen.add((call, ex.toolset if ex.with_tools else None))
+    assert seen == {(name, toolset) for name in TOOL_NAMES for toolset in ("trained", "agent",
+                                                                             None)}
+
+
+def test_pool_units_questions_and_answers(splits):
+    examples = [e for e in splits["train"] if e.intent == "pool_units"]
+    assert len(examples) > 100
+    answers = set()
+    for ex in examples:
+        call = ex.messages[-3]["tool_calls"][0]["function"]
+        assert call["name"] == "pool_units" and list(call["arguments"]) == ["pool"]
+        result = json.loads(ex.messages[-2]["content"])
+        answer = ex.messages[-1]["content"]
+        assert answer == pool_units_answer(call["arguments"]["pool"], result)
+        if result.get("free") is not None:
+            assert result["used"] + result["free"] == pytest.approx(result["total"])
+            assert f" {result['free']} free " in answer and f"of {result['total']} " in answer
+        answers.add(answer.split(" pool ")[1][:10])
+    assert len(answers) > 20  # the answers follow the numbers, not the question
+    # A live-usage question is never worded like a catalog fact, and back.
+    live = {t.format(p="a100-mig") for t in POOL_UNITS_TEMPLATES}
+    facts = {t.format(p="a100-mig") for ts in POOL_TEMPLATES.values() for t in ts}
+    assert not live & facts
+
+
+def test_pool_units_results_and_answers():
+    assert pool_units_result("a100-mig", total=2, used=1, nodes=1) == {
+        "pool": "a100-mig", "unit": "gpu_units", "total": 2, "used": 1, "free": 1, "nodes": 1}
+    assert pool_units_answer("a100-mig", pool_units_result("a100-mig", total=2, used=1,
+                                                           nodes=1)) \
+        == "The a100-mig pool has 1 free GPU units of 2 (1 used)."
+    cpu = pool_units_result("cpu", unit="cpus", total=8, used=2.5, nodes=1)
+    assert (cpu["used"], cpu["free"]) == (2.5, 5.5)
+    assert pool_units_answer("cpu", cpu) == "The cpu pool has 5.5 free CPUs of 8 (2.5 used)."
+    pending = pool_units_result("a100-mig", total=2, used=None, nodes=1)
+    assert pending["free"] is None and pending["note"]
+    assert pool_units_answer("a100-mig", pending) == (
+        "The a100-mig pool has 2 GPU units; the cluster has not reported how many are free yet.")
+    unknown = pool_units_result("v100", pools=list(pool_facts()))
+    assert unknown["error"].startswith("unknown pool 'v100'")
+    assert pool_units_answer("v100", unknown) == "There is no pool named v100."
+
+
+def test_the_agent_tool_list_is_rendered_as_the_graph_declares_it(splits):
+    assert [t["function"]["name"] for t in AGENT_TOOLS] == [
+        "pool_units", "jobs", "registered_models", "calculator", "convert_units", "pool_info"]
+    assert "pool_units" in TOOL_NAMES and TOOLS[-1]["function"]["name"] == "pool_units"
+    ex = next(e for e in splits["train"] if e.toolset == "agent" and e.with_tools)
+    assert ex.tools is AGENT_TOOLS
+    assert 'tools: {"name": "pool_units", "arguments": ["pool"]}; {"name": "jobs", ' \
+        in render_text(ex.messages, ex.tools)
+    assert Example.from_json(json.loads(json.dumps(ex.to_json()))).tools is AGENT_TOOLS
+    assert {e.toolset for e in splits["train"]} == {"trained", "agent"}
 
 
 def test_turns_are_the_assistant_texts(splits):

@@ -22,7 +22,7 @@ from train.tokenizer import (
     tokenizer_from_json,
     train_tokenizer,
 )
-from train.tools import TOOLS
+from train.tools import AGENT_TOOLS, TOOLS
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,20 @@ def test_python_renderer_equals_the_template(tok, corpus):
             ids, mask = encode_segments(tok, render(msgs, ex.tools, gen))
             assert ids == tok.encode(want, add_special_tokens=False)
             assert len(mask) == len(ids)
+
+
+def test_the_live_pool_units_tool_under_the_agents_tool_list(tok, corpus):
+    """The platform tool pool_units, declared in the agents' tool list (its description has
+    a newline: only names and argument names are rendered), renders and parses back."""
+    ex = next(e for e in corpus["heldout"] if e.intent == "pool_units" and e.with_tools
+              and e.toolset == "agent")
+    text = tok.apply_chat_template(ex.messages, tools=AGENT_TOOLS, tokenize=False)
+    assert text == render_text(ex.messages, AGENT_TOOLS)
+    assert 'tools: {"name": "pool_units", "arguments": ["pool"]}; {"name": "jobs", ' in text
+    (prompt, call), _ = ex.turns()
+    assert parse_tool_calls(call) == [{"name": "pool_units",
+                                       "arguments": ex.messages[-3]["tool_calls"][0][
+                                           "function"]["arguments"]}]
 
 
 def test_openai_string_arguments_render_as_given(tok):
