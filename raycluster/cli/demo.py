@@ -8,6 +8,10 @@
 4. promote that version to ``champion`` and deploy the serve config that names
    ``models:/rayplane-tool-llm@champion`` (``rayplane serve up``);
 5. one chat completion through the official openai client;
+6. the agents app (``rayplane agents up``): the ``tools`` graph, over the LangGraph server API
+   with the official ``langgraph-sdk`` client, answers "What is 12 times 7?" after the
+   calculator ran and a question about the a100-mig pool's free GPU units from the live
+   cluster; each run's MLflow trace is printed;
 then print the URLs and how to submit jobs. The platform is left running (``make down``).
 """
 
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import typer
 
+from raycluster.cli.agents import deploy_agents
 from raycluster.cli.common import CatalogOpt, StateOpt, console
 from raycluster.cli.platform import print_urls
 from raycluster.cli.serve import cluster_target
@@ -92,6 +97,8 @@ def demo_cmd(catalog_file: CatalogOpt = None, state_dir: StateOpt = None,
                                                help="Training config of the demo model."),
              serve_config: Path = typer.Option(REPO / "serve/configs/local.yaml", "--serve",
                                                help="Serve config that serves it."),
+             agents_config: Path = typer.Option(REPO / "agents/configs/local.yaml", "--agents",
+                                                help="Agents config the demo deploys."),
              smoke_only: bool = typer.Option(False, "--smoke-only",
                                              help="Only the smoke jobs, no training.")) -> None:
     """Bring the local platform up and run the main job on it (what `make demo` runs)."""
@@ -108,6 +115,7 @@ def demo_cmd(catalog_file: CatalogOpt = None, state_dir: StateOpt = None,
     if train_config is not None:
         version = train_and_register(cluster, train_config)
         serve_and_chat(cluster, version, serve_config)
+        ask_the_agent(cluster, agents_config)
     console.print()
     print_urls(cluster)
     console.print("stop it with: make down")
@@ -158,3 +166,60 @@ def serve_and_chat(cluster: LocalCluster, version: str, config_path: Path) -> No
     console.print(f"  user: {question}")
     console.print(f"  assistant ({choice.finish_reason}): {answer}", markup=False)
 
+
+
+AGENT_QUESTIONS = ("What is 12 times 7?", "How many free GPU units does the a100-mig pool have?")
+
+
+def _trace_url(mlflow_uri: str, thread_id: str, attempts: int = 20) -> str | None:
+    """The MLflow UI link of the run's trace (its session is the thread id). Traces are
+    exported in the background by the replica: look a few times."""
+    from mlflow import MlflowClient
+
+    from agents.tracing import DEFAULT_EXPERIMENT
+
+    mlflow_client = MlflowClient(mlflow_uri)
+    experiment = mlflow_client.get_experiment_by_name(DEFAULT_EXPERIMENT)
+    for _ in range(attempts):
+        if experiment is None:
+            experiment = mlflow_client.get_experiment_by_name(DEFAULT_EXPERIMENT)
+        if experiment is not None:
+            traces = mlflow_client.search_traces(
+                locations=[experiment.experiment_id],
+                filter_string=f"metadata.`mlflow.trace.session` = '{thread_id}'")
+            if traces:
+                trace_id = traces[0].info.trace_id
+                return (f"{mlflow_uri}/#/experiments/{experiment.experiment_id}/traces"
+                        f"?selectedEvaluationId={trace_id}")
+        time.sleep(0.5)
+    return None
+
+
+def ask_the_agent(cluster: LocalCluster, config_path: Path) -> None:
+    """Deploy the agents app and ask the tools graph the demo's questions through the
+    LangGraph server API, printing each tool call, its result and the answer."""
+    from langgraph_sdk import get_sync_client
+
+    console.print(f"[bold]deploying {config_path}[/bold] (rayplane agents up)")
+    with console.status("waiting for the agents app") as spinner:
+        at = deploy_agents(cluster, config_path, progress=spinner.update)
+    key = cluster.api_key_path.read_text().strip()
+    client = get_sync_client(url=at["api"], api_key=key, timeout=120)
+    for question in AGENT_QUESTIONS:
+        thread = client.threads.create()["thread_id"]
+        state = client.runs.wait(thread, "tools", input={
+            "messages": [{"role": "user", "content": question}]})
+        console.print(f"  user: {question}", markup=False)
+        for message in state.get("messages", [])[1:]:
+            if message["type"] == "ai" and message.get("tool_calls"):
+                for call in message["tool_calls"]:
+                    console.print(f"    tool call {call['name']}({json.dumps(call['args'])})",
+                                  markup=False)
+            elif message["type"] == "tool":
+                console.print(f"    tool result {message['content']}", markup=False)
+            elif message["type"] == "ai":
+                console.print(f"  agent: {message['content']}", markup=False)
+        url = _trace_url(cluster.mlflow_uri, thread)
+        console.print(f"    trace: {url or 'not exported yet (MLflow: rayplane-agents)'}",
+                      markup=False)
+    console.print(f"  agents API {at['api']} (langgraph-sdk); MCP {at.get('mcp', '-')}")

@@ -61,6 +61,52 @@ def test_tools_graph_answers_from_the_real_calculator(deployed, cluster_env, mon
     assert out["status"] == "answered"
 
 
+def test_a_platform_answer_follows_the_clusters_state(deployed, cluster_env, local_cluster):
+    """"How many free GPU units does the a100-mig pool have?" asked through the tools graph
+    with the live platform tools: the model calls pool_units, the answer is the one its
+    result gives; a job holding one more unit changes the answer, stopping it changes it
+    back."""
+    from ray.job_submission import JobSubmissionClient
+
+    context = platform.PlatformContext.from_env(cluster_env)
+    graph = build_tools_graph(
+        chat_model(base_url=deployed["base_url"], model=MODEL, timeout=60,
+                   api_key=local_cluster.api_key_path.read_text().strip()),
+        platform.platform_tools(context))
+
+    def ask() -> tuple[dict, str]:
+        # Ray reports usage every few seconds: ask until the tool's result is a settled one.
+        deadline = time.monotonic() + 60
+        while True:
+            out = graph.invoke({"messages": [tm.POOL_QUESTION[0]["content"]]})
+            call, result = out["messages"][1], out["messages"][2]
+            assert [(c["name"], c["args"]) for c in call.tool_calls] == \
+                [(tm.POOL_CALL["name"], tm.POOL_CALL["arguments"])]
+            seen = json.loads(result.content)
+            if seen.get("used") is not None or time.monotonic() > deadline:
+                return seen, out["messages"][-1].content
+            time.sleep(2)
+
+    before, answer = ask()
+    assert answer == tm.pool_answer(before)  # the model answered from the live result
+    jobs = JobSubmissionClient(local_cluster.dashboard_url, headers=local_cluster.auth_headers())
+    hold = ("import ray, time; ray.init(); "
+            "pg = ray.util.placement_group([{'pool:a100-mig': 1}]); ray.get(pg.ready()); "
+            "time.sleep(600)")
+    job = jobs.submit_job(entrypoint=f'python -c "{hold}"',
+                          submission_id=f"hold-{uuid.uuid4().hex[:8]}")
+    try:
+        deadline = time.monotonic() + 90
+        while platform.pool_units("a100-mig", context=context).get("used") != before["used"] + 1:
+            assert time.monotonic() < deadline, "the job never got its unit"
+            time.sleep(1)
+        held, held_answer = ask()
+        assert held["free"] == before["free"] - 1
+        assert held_answer == tm.pool_answer(held) != answer
+    finally:
+        jobs.stop_job(job)
+
+
 def test_tools_graph_with_a_wrong_key_names_the_endpoint(deployed):
     graph = build_tools_graph(chat_model(base_url=deployed["base_url"], api_key="rp-wrong",
                                          model=MODEL), [platform.calculator])

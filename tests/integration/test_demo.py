@@ -1,7 +1,10 @@
 """`rayplane demo` (what `make demo` runs) on the local platform, with the CI-size training
 config so it fits the suite: a smoke job on every pool, the model trained through `ray job
 submit`, evaluated, registered (candidate) and promoted (champion), served from the registry
-and asked one question, with the endpoint's URL printed."""
+and asked one question, with the endpoint's URL printed; then the agents app deployed and its
+`tools` graph asked the demo's two questions through the LangGraph server API, each run's
+MLflow trace linked. (The CI-size model is too weak to answer them right; the demo model's
+answers are in docs/benchmarks.md.)"""
 
 from __future__ import annotations
 
@@ -45,6 +48,15 @@ def test_demo_trains_registers_promotes_serves_and_chats(local_cluster, cluster_
         client = OpenAI(base_url=base_url, api_key=local_cluster.api_key_path.read_text().strip())
         (served,) = client.models.list().data
         assert served.id == MODEL and served.model_extra["root"] == f"models:/{MODEL}/{version}"
+
+        # The agent step: both questions asked, each run's trace in the platform's MLflow.
+        assert "user: What is 12 times 7?" in out
+        assert "user: How many free GPU units does the a100-mig pool have?" in out
+        traces = re.findall(rf"trace: ({re.escape(local_cluster.mlflow_uri)}/#/experiments/"
+                            r"\d+/traces\?selectedEvaluationId=tr-[0-9a-f]+)", out)
+        assert len(traces) == 2, out[-3000:]
+        assert f"agents API {local_cluster.agents_url} (langgraph-sdk)" in out
     finally:
-        rayplane(env, "serve", "down", "openai", "--state-dir", str(local_cluster.state_dir),
-                 timeout=120)
+        for what, app in (("agents", None), ("serve", "openai")):
+            args = [what, "down"] + ([app] if app else [])
+            rayplane(env, *args, "--state-dir", str(local_cluster.state_dir), timeout=120)
