@@ -118,6 +118,11 @@ output "mlflow_db_port" {
   value       = module.platform.mlflow_db_port
 }
 
+output "mlflow_db_name" {
+  description = "Database of MLflow's PostgreSQL, where the agents' threads live too: agents[].database.database in raycluster/environments/production.yaml."
+  value       = module.platform.mlflow_db_name
+}
+
 output "mlflow_db_secret_arn" {
   description = "RDS-managed secret (JSON username/password) of MLflow's database: the remoteRef key of the mlflow-db ExternalSecret."
   value       = module.platform.mlflow_db_secret_arn
