@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from raycluster.spec import Spec
-from serve.config import ApiKeys, Autoscaling
+from serve.config import ApiKeys, Autoscaling, check_api_keys
 
 #: The graphs an agents app can host; each is an assistant of the LangGraph server API
 #: (its ``graph_id``). crewai and autogen run their framework's example behind the same API.
@@ -148,11 +148,7 @@ class AgentsAppConfig(Spec):
                              "route_prefix; give the MCP server its own")
         if self.mcp.use_in_graphs and not self.mcp.enabled:
             raise ValueError("mcp.use_in_graphs: true needs mcp.enabled: true")
-        if self.api_keys is None and not self.allow_unauthenticated:
-            raise ValueError("api_keys: required (an env variable or a file holding the keys);"
-                             " set allow_unauthenticated: true to serve without keys")
-        if self.api_keys is not None and self.allow_unauthenticated:
-            raise ValueError("allow_unauthenticated: true contradicts api_keys; keep one")
+        check_api_keys(self.api_keys, self.allow_unauthenticated)
         return self
 
 

@@ -215,6 +215,16 @@ class ApiKeys(Spec):
         return self
 
 
+def check_api_keys(api_keys: ApiKeys | None, allow_unauthenticated: bool) -> None:
+    """A public endpoint has keys, unless its config says explicitly that it has none (the
+    OpenAI app and the agents app alike)."""
+    if api_keys is None and not allow_unauthenticated:
+        raise ValueError("api_keys: required (an env variable or a file holding the keys);"
+                         " set allow_unauthenticated: true to serve without keys")
+    if api_keys is not None and allow_unauthenticated:
+        raise ValueError("allow_unauthenticated: true contradicts api_keys; keep one")
+
+
 class IngressSpec(Spec):
     mode: IngressMode = Field(default=IngressMode.router, description=(
         "router: an ingress deployment routes to one deployment per model; direct: the one "
@@ -286,11 +296,7 @@ class ServeAppConfig(Spec):
             if self.engine is not EngineKind.cpu:
                 raise ValueError("ingress.mode: 'direct' is for the cpu engine; vllm apps use "
                                  "ray.serve.llm's router (use 'router')")
-        if self.api_keys is None and not self.allow_unauthenticated:
-            raise ValueError("api_keys: required (an env variable or a file holding the keys);"
-                             " set allow_unauthenticated: true to serve without keys")
-        if self.api_keys is not None and self.allow_unauthenticated:
-            raise ValueError("allow_unauthenticated: true contradicts api_keys; keep one")
+        check_api_keys(self.api_keys, self.allow_unauthenticated)
         return self
 
     @property
@@ -301,6 +307,7 @@ class ServeAppConfig(Spec):
 __all__ = [
     "ApiKeys",
     "Autoscaling",
+    "check_api_keys",
     "EngineKind",
     "HttpSpec",
     "IngressMode",

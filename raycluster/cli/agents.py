@@ -17,12 +17,18 @@ import time
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from agents.serve_app import DEFAULT_CONFIG, app_names, serve_config
 from agents.spec import AgentsAppConfig
 from raycluster.catalog import load_catalog
-from raycluster.cli.common import AddressOpt, CatalogOpt, JsonOpt, StateOpt, console
+from raycluster.cli.common import (
+    AddressOpt,
+    CatalogOpt,
+    JsonOpt,
+    StateOpt,
+    applications_table,
+    console,
+)
 from raycluster.cli.serve import attach_local, cluster_target
 from raycluster.errors import PlatformError
 from raycluster.local import LocalCluster
@@ -30,7 +36,6 @@ from raycluster.spec import SpecError
 from serve.deploy import (
     ServeTarget,
     client,
-    first_line,
     merge_applications,
     remove_applications,
     wait_running,
@@ -174,15 +179,7 @@ def status_cmd(config_file: Path | None = ConfigArg, file: Path | None = FileOpt
         return
     if not mine:
         raise PlatformError(f"{config.name!r} is not deployed (run `rayplane agents up`)")
-    table = Table(title="rayplane agents")
-    for col in ("application", "status", "deployment", "replicas", "message"):
-        table.add_column(col)
-    for name, a in mine.items():
-        for dname, d in (a.get("deployments") or {}).items():
-            running = sum(1 for r in d.get("replicas", []) if r.get("state") == "RUNNING")
-            table.add_row(name, a.get("status", ""), dname,
-                          f"{running}/{d.get('target_num_replicas', '?')}",
-                          first_line(d.get("message", "")) if d.get("message") else "")
+    table = applications_table("rayplane agents", mine)
     console.print(table)
     for what, url in at.items():
         console.print(f"{what:<4} {url}")

@@ -16,10 +16,16 @@ import os
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from raycluster.catalog import load_catalog
-from raycluster.cli.common import AddressOpt, CatalogOpt, JsonOpt, StateOpt, console
+from raycluster.cli.common import (
+    AddressOpt,
+    CatalogOpt,
+    JsonOpt,
+    StateOpt,
+    applications_table,
+    console,
+)
 from raycluster.errors import PlatformError
 from raycluster.local import LocalCluster
 from raycluster.spec import SpecError
@@ -30,7 +36,6 @@ from serve.deploy import (
     chat_once,
     client,
     deploy,
-    first_line,
     remove_applications,
     render,
     with_source,
@@ -121,15 +126,7 @@ def status_cmd(state_dir: StateOpt = None, address: AddressOpt = None,
     if as_json:
         print(json.dumps(details, indent=2, default=str))
         return
-    table = Table(title="rayplane serve")
-    for col in ("application", "status", "deployment", "replicas", "message"):
-        table.add_column(col)
-    for name, a in (details.get("applications") or {}).items():
-        for dname, d in (a.get("deployments") or {}).items():
-            running = sum(1 for r in d.get("replicas", []) if r.get("state") == "RUNNING")
-            table.add_row(name, a.get("status", ""), dname,
-                          f"{running}/{d.get('target_num_replicas', '?')}",
-                          first_line(d.get("message", "")) if d.get("message") else "")
+    table = applications_table("rayplane serve", (details.get("applications") or {}))
     console.print(table)
 
 
