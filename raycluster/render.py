@@ -57,26 +57,26 @@ class Inputs:
 
 
 def load_inputs(env: Environment, repo_root: Path = REPO) -> Inputs:
+    """Every config the environment names, read from the repository (one line naming the
+    environment's field when a file is missing)."""
     inputs = Inputs()
+
+    def config_file(field: str, i: int, rel: str) -> Path:
+        path = repo_root / rel
+        if not path.is_file():
+            raise SpecError(f"{field}[{i}].config: {rel!r}: no such file under {repo_root}",
+                            field=f"{field}[{i}].config")
+        return path
+
     for kind, items in (("jobs", env.jobs), ("cronjobs", env.cronjobs)):
         for i, job in enumerate(items):
-            path = repo_root / job.config
-            if not path.is_file():
-                raise SpecError(f"{kind}[{i}].config: {job.config!r}: no such file under "
-                                f"{repo_root}", field=f"{kind}[{i}].config")
-            inputs.train[job.config] = TrainConfig.load(path)
+            inputs.train[job.config] = TrainConfig.load(config_file(kind, i, job.config))
     for i, svc in enumerate(env.services):
-        path = repo_root / svc.config
-        if not path.is_file():
-            raise SpecError(f"services[{i}].config: {svc.config!r}: no such file under "
-                            f"{repo_root}", field=f"services[{i}].config")
-        inputs.serve[svc.config] = ServeAppConfig.from_file(path)
+        inputs.serve[svc.config] = ServeAppConfig.from_file(
+            config_file("services", i, svc.config))
     for i, app in enumerate(env.agents):
-        path = repo_root / app.config
-        if not path.is_file():
-            raise SpecError(f"agents[{i}].config: {app.config!r}: no such file under "
-                            f"{repo_root}", field=f"agents[{i}].config")
-        inputs.agents[app.config] = AgentsAppConfig.from_file(path)
+        inputs.agents[app.config] = AgentsAppConfig.from_file(
+            config_file("agents", i, app.config))
     return inputs
 
 
