@@ -20,11 +20,12 @@ on EKS the unit's share of the node comes with it): hard isolation for critical 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from agents.spec import AgentsAppConfig
-from raycluster.catalog import Catalog, Pool
+from raycluster.catalog import Catalog, Pool, load_catalog
 from raycluster.spec import SpecError, did_you_mean
 
 #: The local platform's agents config (``rayplane agents up`` without a file).
@@ -72,6 +73,15 @@ def actor_options(pool: Pool, cpus: float) -> dict[str, Any]:
     if pool.has_gpu:
         return {"num_cpus": 0, "resources": {pool.ray_resource: 1.0}}
     return {"num_cpus": cpus, "resources": {pool.ray_resource: float(cpus)}}
+
+
+def replica_options(config: AgentsAppConfig, catalog: Catalog | None = None) -> dict[str, Any]:
+    """:func:`actor_options` of the spec's pool, for code that binds deployments itself (the
+    API's and the frameworks' builders); the catalog defaults to the nodes' own
+    (``RAYPLANE_CATALOG``, else the platform's)."""
+    if catalog is None:
+        catalog = load_catalog(os.environ.get("RAYPLANE_CATALOG"))
+    return actor_options(agents_pool(config, catalog), config.cpus)
 
 
 def api_application(config: AgentsAppConfig, catalog: Catalog,
@@ -163,6 +173,7 @@ __all__ = [
     "MCP_DEPLOYMENT",
     "MCP_IMPORT_PATH",
     "actor_options",
+    "replica_options",
     "agents_pool",
     "api_application",
     "app_names",

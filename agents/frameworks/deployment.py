@@ -19,8 +19,8 @@ from ray import serve
 
 from agents.frameworks.common import endpoint, first_line, result
 from agents.frameworks.env import KINDS, env_dir, install_seconds, runtime_env
+from agents.serve_app import replica_options
 from agents.spec import AgentsAppConfig
-from raycluster.catalog import POOL_RESOURCE_PREFIX
 from raycluster.errors import PlatformError
 
 #: Serve deployment names, as the dashboard and `serve status` show them.
@@ -98,22 +98,13 @@ class FrameworkAgent:
                 "install_seconds": install_seconds(self.kind)}
 
 
-def actor_options(config: AgentsAppConfig) -> dict[str, Any]:
-    """Ray options of a replica on the spec's pool, by the agents API's rule: cores on the
-    cpu pool, one unit (and no Ray CPUs) on a GPU pool."""
-    if config.pool == "cpu":
-        return {"num_cpus": config.cpus,
-                "resources": {f"{POOL_RESOURCE_PREFIX}cpu": config.cpus}}
-    return {"num_cpus": 0, "resources": {f"{POOL_RESOURCE_PREFIX}{config.pool}": 1.0}}
-
-
 def deployment_options(kind: str, config: AgentsAppConfig) -> dict[str, Any]:
     """The deployment's Serve options: its name, pool, runtime_env (the framework's own
     environment), concurrency and autoscaling from the spec."""
     if kind not in KINDS:
         raise PlatformError(f"unknown framework {kind!r}; frameworks: {', '.join(KINDS)}")
     return {"name": DEPLOYMENT_NAMES[kind],
-            "ray_actor_options": {**actor_options(config), "runtime_env": runtime_env(kind)},
+            "ray_actor_options": {**replica_options(config), "runtime_env": runtime_env(kind)},
             "max_ongoing_requests": config.max_ongoing_requests,
             "autoscaling_config": config.autoscaling.serve_options()}
 
@@ -126,5 +117,5 @@ def framework_deployment(kind: str, config: AgentsAppConfig):
         kind, config.model_dump(mode="json"))
 
 
-__all__ = ["DEPLOYMENT_NAMES", "FrameworkAgent", "actor_options", "deployment_options",
+__all__ = ["DEPLOYMENT_NAMES", "FrameworkAgent", "deployment_options",
            "framework_deployment", "run_timeout_s"]

@@ -318,12 +318,9 @@ def deployment_options(config: AgentsAppConfig) -> dict[str, Any]:
     entry, as ``agents.serve_app`` renders it, overrides them): its pool's resource (cores on
     the CPU pool; one unit and no Ray CPUs on a GPU pool, the same rule), concurrency and
     autoscaling."""
-    if config.pool == "cpu":
-        actor = {"num_cpus": config.cpus,
-                 "resources": {f"{POOL_RESOURCE_PREFIX}cpu": config.cpus}}
-    else:
-        actor = {"num_cpus": 0, "resources": {f"{POOL_RESOURCE_PREFIX}{config.pool}": 1.0}}
-    return {"ray_actor_options": actor, "max_ongoing_requests": config.max_ongoing_requests,
+    from agents.serve_app import replica_options
+
+    return {"ray_actor_options": replica_options(config), "max_ongoing_requests": config.max_ongoing_requests,
             "autoscaling_config": config.autoscaling.serve_options()}
 
 
