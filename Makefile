@@ -15,7 +15,8 @@ PYTEST := $(VENV)/bin/pytest --durations=25
 .PHONY: env system-deps demo test test-fast test-unit test-integration down status lint clean
 
 # Services the platform runs beside Ray and the tests use for real: Debian's PostgreSQL 15 (the
-# agents' checkpoints) and prometheus (with promtool, when asked).
+# agents' checkpoints), prometheus (with promtool) and redis-server (the head's GCS fault
+# tolerance, `rayplane up --ha`).
 
 $(UV):
 	$(PYTHON) -m venv .tools
@@ -32,6 +33,7 @@ env: $(VENV)/.synced
 system-deps:
 	@missing=""; \
 	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	{ [ -x "$$(pg_config --bindir 2>/dev/null)/initdb" ] || ls /usr/lib/postgresql/*/bin/initdb \
 	  >/dev/null 2>&1 || command -v initdb >/dev/null; } || missing="$$missing postgresql-15"; \
 	if [ -n "$$missing" ]; then \

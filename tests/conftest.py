@@ -3,9 +3,10 @@ fixtures every folder shares.
 
 Markers (the only place they are registered; pytest runs with ``--strict-markers``):
 
-- unit, integration, e2e: set from the folder (tests/unit: nothing but Python;
+- unit, integration, reliability, e2e: set from the folder (tests/unit: nothing but Python;
   tests/integration: a real local Ray cluster, MLflow server, HTTP, terraform against moto,
-  checkov; tests/e2e: a Kubernetes cluster or a GPU).
+  checkov; tests/reliability: faults and hostile input against the session's platform, each
+  bounded in requests and time; tests/e2e: a Kubernetes cluster or a GPU).
 - slow: the test takes more than about a minute; ``make test-fast`` deselects it.
 - gpu, kubernetes: what an e2e test needs; ``requires_gpu`` / ``requires_kubernetes`` skip it
   elsewhere, saying how to enable it.
@@ -20,6 +21,9 @@ from pathlib import Path
 
 import pytest
 
+#: The session platform's fixtures (local_cluster, cluster_env, agent_model), one for every folder.
+pytest_plugins = ["tests.support.platform"]
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RAYPLANE_SHARED", REPO.parent / "shared"))
 SCHEMAS = SHARED / "schemas"
@@ -32,12 +36,14 @@ MARKERS = {
     "unit": "needs nothing but Python (tests/unit)",
     "integration": "needs a local Ray cluster, services or tools started by fixtures "
                    "(tests/integration)",
+    "reliability": "kills, stops or floods parts of the session's platform, or sends it "
+                   "hostile input (tests/reliability)",
     "e2e": "needs a Kubernetes cluster or a GPU (tests/e2e); skipped with the reason elsewhere",
     "gpu": "needs an NVIDIA GPU (and vLLM for the vLLM engine)",
     "kubernetes": "needs a cluster (RAYPLANE_E2E_KUBECONFIG)",
     "slow": "takes more than about a minute; `make test-fast` deselects it",
 }
-FOLDER_MARKERS = ("unit", "integration", "e2e")
+FOLDER_MARKERS = ("unit", "integration", "reliability", "e2e")
 
 
 def pytest_configure(config: pytest.Config) -> None:
