@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from bench.stats import pct
+from raycluster.cli.serve import cluster_target
 from raycluster.local import LocalCluster
 from serve.config import ServeAppConfig
 from serve.deploy import (
@@ -28,9 +29,7 @@ def attach(state_dir: Path | None) -> tuple[LocalCluster, ServeTarget]:
     cluster = LocalCluster.attach(state_dir)
     if cluster.state() is None:
         raise SystemExit("the local platform is not up: run `rayplane up` (or --skip-serve)")
-    return cluster, ServeTarget(dashboard_url=cluster.dashboard_url,
-                                headers=cluster.auth_headers(),
-                                serve_port=cluster.ports["serve"])
+    return cluster, cluster_target(cluster)
 
 
 def bench_config(*, mode: str, folder: Path, pool: str, max_num_seqs: int,
@@ -70,7 +69,7 @@ def deploy_floor_app(state_dir: Path | None) -> str:
               "applications": [app]}
     serve_client.deploy_applications(merge_applications(details, config))
     wait_running(serve_client, "bench-floor", timeout=120)
-    return f"http://127.0.0.1:{target.serve_port}/bench-floor"
+    return f"{target.public_url}/bench-floor"
 
 
 def floor_ms_p50(url: str, requests: int = 40) -> float:

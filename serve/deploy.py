@@ -14,6 +14,7 @@ platform. Failures are :class:`~raycluster.errors.PlatformError` (the cluster) o
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,12 +36,34 @@ Progress = Callable[[str], None]
 @dataclass(frozen=True)
 class ServeTarget:
     """A Ray cluster to deploy to: its dashboard (the Serve REST API), the headers that
-    authenticate there (Ray token auth), and the port its Serve proxy listens on when that is
-    not the config's ``http.port`` (the local platform's proxy port)."""
+    authenticate there (Ray token auth), and, on the local platform: the port its Serve
+    proxies listen on when that is not the config's ``http.port``, where they run
+    (``proxy_location``), the URL clients reach them at (its ingress) and the file that keeps
+    the last applied Serve config (``rayplane up`` restores it after a lost head)."""
 
     dashboard_url: str
     headers: dict[str, str] | None = None
     serve_port: int | None = None
+    proxy_location: str | None = None
+    public_url: str | None = None
+    record: Path | None = None
+
+
+def apply(serve_client, target: ServeTarget, config: dict) -> None:
+    """Deploy the whole Serve config (every application) and keep it as the target's record."""
+    serve_client.deploy_applications(config)
+    if target.record is not None:
+        tmp = target.record.with_suffix(".tmp")
+        tmp.write_text(json.dumps(config, indent=2))
+        tmp.replace(target.record)
+
+
+def applied(target: ServeTarget) -> dict | None:
+    """The Serve config last applied to ``target`` through rayplane (None: none recorded)."""
+    if target.record is None or not target.record.is_file():
+        return None
+    config = json.loads(target.record.read_text())
+    return config if config.get("applications") else None
 
 
 def client(target: ServeTarget):
@@ -122,7 +145,8 @@ def wait_running(serve_client, name: str, timeout: float, progress: Progress | N
         time.sleep(1.0)
 
 
-def remove_applications(serve_client, drop: Callable[[str], bool]) -> None:
+def remove_applications(serve_client, drop: Callable[[str], bool],
+                        target: ServeTarget | None = None) -> None:
     """Remove the applications whose name ``drop(name)`` accepts, redeploying the others.
     Removing the last one shuts Serve down, and then this waits until its controller is
     gone: Serve's DELETE returns after at most 30 s of the controller's graceful shutdown even
@@ -131,12 +155,14 @@ def remove_applications(serve_client, drop: Callable[[str], bool]) -> None:
     details = serve_client.get_serve_details()
     remaining = [d["deployed_app_config"] for n, d in (details.get("applications") or {}).items()
                  if not drop(n) and d.get("deployed_app_config")]
+    config = {**{k: details[k] for k in ("proxy_location", "http_options") if details.get(k)},
+              "applications": remaining}
     if remaining:
-        serve_client.deploy_applications({
-            **{k: details[k] for k in ("proxy_location", "http_options") if details.get(k)},
-            "applications": remaining})
+        apply(serve_client, target or ServeTarget(""), config)
         return
     serve_client.delete_applications()
+    if target is not None and target.record is not None:
+        target.record.unlink(missing_ok=True)
     deadline = time.monotonic() + 120
     while (serve_client.get_serve_details().get("controller_info") or {}).get("actor_id"):
         if time.monotonic() > deadline:
@@ -162,15 +188,29 @@ def deploy(config: ServeAppConfig | str | Path, target: ServeTarget, *,
     if not isinstance(config, ServeAppConfig):
         config = ServeAppConfig.from_file(config)
     config, rendered = render(config, catalog, tracking_uri=tracking_uri)
+    at_target(rendered, target)
+    serve_client = client(target)
+    apply(serve_client, target, merge_applications(serve_client.get_serve_details(), rendered))
+    wait_running(serve_client, config.name, timeout, progress=progress)
+    return config, f"{public_url(rendered, target)}{config.route_prefix.rstrip('/')}/v1"
+
+
+def at_target(rendered: dict, target: ServeTarget) -> dict:
+    """``rendered`` (a Serve config) with the target's proxy port and placement."""
     if target.serve_port is not None:
         rendered["http_options"]["port"] = target.serve_port
-    serve_client = client(target)
-    serve_client.deploy_applications(merge_applications(serve_client.get_serve_details(),
-                                                        rendered))
-    wait_running(serve_client, config.name, timeout, progress=progress)
+    if target.proxy_location is not None:
+        rendered["proxy_location"] = target.proxy_location
+    return rendered
+
+
+def public_url(rendered: dict, target: ServeTarget) -> str:
+    """Where clients reach the Serve proxies of ``rendered`` on ``target``."""
+    if target.public_url:
+        return target.public_url.rstrip("/")
     host, port = rendered["http_options"]["host"], rendered["http_options"]["port"]
     host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    return config, f"http://{host}:{port}{config.route_prefix.rstrip('/')}/v1"
+    return f"http://{host}:{port}"
 
 
 def chat_once(message: str, *, base_url: str, api_key: str, model: str | None = None,
@@ -192,6 +232,6 @@ def chat_once(message: str, *, base_url: str, api_key: str, model: str | None = 
     return model, resp
 
 
-__all__ = ["DEFAULT_CONFIG", "ServeTarget", "chat_once", "client", "deploy", "first_line",
-           "merge_applications", "remove_applications", "render", "wait_running",
-           "with_source"]
+__all__ = ["DEFAULT_CONFIG", "ServeTarget", "applied", "apply", "at_target", "chat_once",
+           "client", "deploy", "first_line", "merge_applications", "public_url",
+           "remove_applications", "render", "wait_running", "with_source"]

@@ -35,8 +35,11 @@ from raycluster.local import LocalCluster
 from raycluster.spec import SpecError
 from serve.deploy import (
     ServeTarget,
+    apply,
+    at_target,
     client,
     merge_applications,
+    public_url,
     remove_applications,
     wait_running,
 )
@@ -82,9 +85,8 @@ def _target(address: str | None, state_dir: Path | None
     return cluster_target(cluster), cluster
 
 
-def urls(config: AgentsAppConfig, port: int | None) -> dict[str, str]:
-    """Where the apps answer through the Serve proxy on this host."""
-    base = f"http://127.0.0.1:{port or DEFAULT_SERVE_PORT}"
+def urls(config: AgentsAppConfig, base: str) -> dict[str, str]:
+    """Where the apps answer: ``base`` is the Serve ingress (or proxy) URL."""
     out = {"api": f"{base}{config.route_prefix}"}
     if config.mcp.enabled:
         out["mcp"] = f"{base}{config.mcp.route_prefix}"
@@ -95,15 +97,14 @@ def deploy(config: AgentsAppConfig, catalog, target: ServeTarget, cluster: Local
            *, timeout: float = 300, progress=None) -> dict[str, str]:
     """Deploy the agents app (and its MCP server) beside what runs on ``target``, wait until
     they are RUNNING and return their URLs."""
-    port = target.serve_port or DEFAULT_SERVE_PORT
-    rendered = serve_config(config, catalog, host="127.0.0.1", port=port,
-                            proxy_location="HeadOnly", env_vars=platform_env(cluster))
+    rendered = at_target(serve_config(config, catalog, host="127.0.0.1", port=DEFAULT_SERVE_PORT,
+                                      proxy_location="HeadOnly",
+                                      env_vars=platform_env(cluster)), target)
     serve_client = client(target)
-    serve_client.deploy_applications(merge_applications(serve_client.get_serve_details(),
-                                                        rendered))
+    apply(serve_client, target, merge_applications(serve_client.get_serve_details(), rendered))
     for name in app_names(config):
         wait_running(serve_client, name, timeout, progress=progress)
-    return urls(config, port)
+    return urls(config, public_url(rendered, target))
 
 
 def deploy_agents(cluster: LocalCluster, config_path: Path, *, timeout: float = 300,
@@ -147,12 +148,13 @@ def down_cmd(config_file: Path | None = ConfigArg, file: Path | None = FileOpt,
     """Remove the agents app and its MCP server (other applications keep running)."""
     _, config = load_config(config_file, file)
     names = set(app_names(config))
-    serve_client = client(_target(address, state_dir)[0])
+    target = _target(address, state_dir)[0]
+    serve_client = client(target)
     deployed = names & set(serve_client.get_serve_details().get("applications") or {})
     if not deployed:
         console.print(f"{config.name!r} is not deployed")
         return
-    remove_applications(serve_client, lambda app: app in names)
+    remove_applications(serve_client, lambda app: app in names, target)
     # Serve answers the redeploy at once and deletes the apps' replicas after (status
     # DELETING); a following `up` or status should find them gone.
     deadline = time.monotonic() + timeout
@@ -173,7 +175,8 @@ def status_cmd(config_file: Path | None = ConfigArg, file: Path | None = FileOpt
     target, _ = _target(address, state_dir)
     apps = client(target).get_serve_details().get("applications") or {}
     mine = {name: apps[name] for name in app_names(config) if name in apps}
-    at = urls(config, target.serve_port)
+    at = urls(config, target.public_url or
+              f"http://127.0.0.1:{target.serve_port or DEFAULT_SERVE_PORT}")
     if as_json:
         print(json.dumps({"applications": mine, "urls": at}, indent=2, default=str))
         return

@@ -32,12 +32,16 @@ from raycluster.spec import SpecError
 from serve.config import ServeAppConfig
 from serve.deploy import (
     DEFAULT_CONFIG,
+    Progress,
     ServeTarget,
+    applied,
+    apply,
     chat_once,
     client,
     deploy,
     remove_applications,
     render,
+    wait_running,
     with_source,
 )
 
@@ -54,10 +58,33 @@ def attach_local(state_dir: Path | None, missing: str) -> LocalCluster:
 
 
 def cluster_target(cluster: LocalCluster) -> ServeTarget:
-    """Where ``serve.deploy`` deploys on the local platform: its dashboard, its Ray token,
-    its Serve proxy's port."""
+    """Where ``serve.deploy`` deploys on the local platform: its dashboard, its Ray token, a
+    Serve proxy on every node with replicas (the head's on its own port, the workers' on
+    theirs) behind the platform's ingress (raycluster/local/ingress.py), and the record
+    ``rayplane up`` restores the applications from."""
     return ServeTarget(dashboard_url=cluster.dashboard_url, headers=cluster.auth_headers(),
-                       serve_port=cluster.ports["serve"])
+                       serve_port=cluster.ports["serve_head"], proxy_location="EveryNode",
+                       public_url=cluster.serve_url, record=cluster.serve_record_path)
+
+
+def restore_applications(cluster: LocalCluster, timeout: float = 600,
+                         progress: Progress | None = None) -> list[str]:
+    """Deploy again the Serve config last applied through rayplane when some of its
+    applications are missing (a platform that lost its head without ``--ha``, or whose Serve
+    controller lost them); wait until each runs. Returns the names restored."""
+    target = cluster_target(cluster)
+    config = applied(target)
+    if config is None:
+        return []
+    serve_client = client(target)
+    running = set(serve_client.get_serve_details().get("applications") or {})
+    missing = [a["name"] for a in config["applications"] if a["name"] not in running]
+    if not missing:
+        return []
+    apply(serve_client, target, config)
+    for name in missing:
+        wait_running(serve_client, name, timeout, progress=progress)
+    return missing
 
 
 def resolve_target(address: str | None, state_dir: Path | None
@@ -110,11 +137,12 @@ def up_cmd(config_file: Path = typer.Argument(DEFAULT_CONFIG, help="Serve config
 def down_cmd(name: str = typer.Argument("openai", help="Application to remove."),
              state_dir: StateOpt = None, address: AddressOpt = None) -> None:
     """Remove one application (the others keep running)."""
-    serve_client = client(resolve_target(address, state_dir)[0])
+    target = resolve_target(address, state_dir)[0]
+    serve_client = client(target)
     if name not in (serve_client.get_serve_details().get("applications") or {}):
         console.print(f"{name!r} is not deployed")
         return
-    remove_applications(serve_client, lambda app: app == name)
+    remove_applications(serve_client, lambda app: app == name, target)
     console.print(f"removed {name}")
 
 
@@ -161,5 +189,5 @@ def chat_cmd(message: str = typer.Argument("Hello!", help="User message."),
                   highlight=False)
 
 
-__all__ = ["attach_local", "chat_cmd", "cluster_target", "down_cmd", "resolve_target",
+__all__ = ["attach_local", "chat_cmd", "cluster_target", "down_cmd", "resolve_target", "restore_applications",
            "serve_app", "status_cmd", "up_cmd"]

@@ -14,35 +14,31 @@ import secrets
 import shutil
 import subprocess
 import sys
-import time
 import urllib.error
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 from raycluster.catalog import Catalog, load_catalog
 from raycluster.errors import PlatformError
-from raycluster.local.dashboard import (
-    Dashboard,
-    node_summary,
-    wait_for_nodes,
-    wait_http,
+from raycluster.local.dashboard import Dashboard, node_summary, wait_http
+from raycluster.local.nodes import (
+    NODE_START_ATTEMPTS,
+    kill_node,
+    process_name,
+    restart_node,
+    start_node,
 )
 from raycluster.local.postgres import LocalPostgres, redacted_dsn, server_env, service_user
 from raycluster.local.processes import (
     ManagedProcess,
-    free_port,
-    kill_group,
     port_is_free,
     stop_group,
     stop_sessions,
 )
-from raycluster.local.services import (
-    haproxy_env,
-    mlflow_command,
-    prometheus_command,
-    ray_node_command,
-)
+from raycluster.local.service_control import SERVICES, service_argv, wait_service_ready
+from raycluster.local.services import mlflow_command
 from raycluster.local.state import (
     AUTH_MODE_ENV,
     AUTH_TOKEN_PATH_ENV,
@@ -53,13 +49,10 @@ from raycluster.local.state import (
     LocalState,
     NodePlan,
     default_state_dir,
+    state_lock,
     write_secret,
 )
 from raycluster.spec import SpecError
-
-#: How often one Ray node is started before the start gives up: ``ray start`` gives a raylet
-#: 30 s to register, which a loaded 2-core machine can miss.
-NODE_START_ATTEMPTS = 5
 
 
 class LocalCluster:
@@ -68,7 +61,7 @@ class LocalCluster:
     def __init__(self, state_dir: Path | None = None, catalog: Catalog | None = None,
                  catalog_path: Path | None = None, ports: dict[str, int] | None = None,
                  workers_per_pool: int = 2, metrics: bool = False,
-                 serve_proxy: str = "haproxy"):
+                 serve_proxy: str = "haproxy", ha: bool = False):
         if serve_proxy not in SERVE_PROXIES:
             raise SpecError(f"serve_proxy: {serve_proxy!r} is not one of "
                             f"{', '.join(SERVE_PROXIES)}", field="serve_proxy")
@@ -85,7 +78,9 @@ class LocalCluster:
         # file; the dashboard's metrics views query it.
         self.metrics = metrics
         self.serve_proxy = serve_proxy
-        self._haproxy_ports: tuple[int, int] | None = None  # stats, exporter: one pair per up
+        # Head fault tolerance: the GCS's state in a real Redis, and a supervisor that starts
+        # a dead Ray node again (raycluster/local/nodes.py, supervisor.py).
+        self.ha = ha
 
     @classmethod
     def attach(cls, state_dir: Path | None = None) -> LocalCluster:
@@ -97,7 +92,7 @@ class LocalCluster:
             return cls(state_dir)
         return cls(state_dir, catalog_path=Path(st.catalog) if st.catalog else None,
                    ports=st.ports, workers_per_pool=st.workers_per_pool, metrics=st.metrics,
-                   serve_proxy=st.serve_proxy)
+                   serve_proxy=st.serve_proxy, ha=st.ha)
 
     # -- paths and addresses ------------------------------------------------------------
 
@@ -108,6 +103,15 @@ class LocalCluster:
     @property
     def api_key_path(self) -> Path:
         return self.state_dir / "api_key"
+
+    @property
+    def redis_password_path(self) -> Path:
+        return self.state_dir / "redis_password"
+
+    @property
+    def serve_record_path(self) -> Path:
+        """The Serve config last applied through rayplane (``rayplane up`` restores it)."""
+        return self.state_dir / "serve-applied.json"
 
     @property
     def logs_dir(self) -> Path:
@@ -125,6 +129,10 @@ class LocalCluster:
         # HAProxy's Unix sockets go in <this>/<56-char node id>/ and HAProxy allows 97 bytes,
         # which the Ray temp dir plus the node id would exceed.
         return Path("/tmp") / f"rphap-{self.temp_dir.name.rsplit('-', 1)[1]}"
+
+    @property
+    def ingress_dir(self) -> Path:
+        return self.haproxy_dir / "ingress"
 
     @property
     def address(self) -> str:
@@ -214,15 +222,17 @@ class LocalCluster:
 
     def up(self, timeout: float = 180.0,
            progress: Callable[[str], object] | None = None) -> LocalState:
-        """Start the platform; a no-op when this state folder's platform is already up."""
+        """Start the platform; a no-op when this state folder's platform is already up. An
+        ``--ha`` platform that lost parts (its head, a node, a service) gets exactly those
+        back, its cluster state intact; any other platform with dead parts is stopped and
+        started anew (the CLI then restores its Serve applications)."""
         existing = self.state()
         if existing and existing.processes:
+            self._adopt(existing)
             if all(p.alive() for p in existing.processes):
-                self.ports = existing.ports
-                self.metrics = existing.metrics
-                self.workers_per_pool = existing.workers_per_pool
-                self.serve_proxy = existing.serve_proxy
                 return existing
+            if existing.ha:
+                return self.recover(timeout, progress)
             # Part of an earlier platform is still running (or died): clean it up first.
             self.down()
         self._check_ports_free()
@@ -236,8 +246,9 @@ class LocalCluster:
         st = LocalState(state_dir=str(self.state_dir), ports=dict(self.ports),
                         temp_dir=str(temp_dir),
                         catalog=str(self.catalog_path) if self.catalog_path else None,
-                        metrics=self.metrics,
-                        workers_per_pool=self.workers_per_pool, serve_proxy=self.serve_proxy)
+                        metrics=self.metrics, workers_per_pool=self.workers_per_pool,
+                        serve_proxy=self.serve_proxy, ha=self.ha,
+                        storage_namespace=uuid.uuid4().hex if self.ha else "")
         st.save()
         step = progress or (lambda msg: None)
         try:
@@ -246,61 +257,65 @@ class LocalCluster:
             step("starting PostgreSQL")
             st.processes.append(self._spawn_postgres(self.postgres.prepare(self.logs_dir)))
             st.save()
+            if self.ha:
+                step("starting Redis (the head's GCS store)")
+                if not self.redis_password_path.exists():
+                    write_secret(self.redis_password_path, secrets.token_urlsafe(32))
+                self._start_service(st, "redis", service_argv(self, "redis", st), timeout)
             if self.metrics:
                 step("starting Prometheus")
-                st.processes.append(self._spawn("prometheus", prometheus_command(
-                    self.state_dir / "prometheus", temp_dir, self.ports["prometheus"])))
-                st.save()
-                self._wait_http(f"{self.prometheus_url}/-/ready", timeout, st, "Prometheus")
+                self._start_service(st, "prometheus", service_argv(self, "prometheus", st),
+                                    timeout)
             plan = self.node_plan()
             st.nodes = [asdict(n) for n in plan]
             for joined, node in enumerate(plan, start=1):
-                self._start_node(node, joined, st, timeout, step)
+                start_node(self, node, joined, st, timeout, step)
+            step("starting the Serve ingress")
+            self._start_service(st, "ingress", service_argv(self, "ingress", st), timeout)
             step("starting the MLflow tracking server")
             argv, st.mlflow_backend_uri, st.mlflow_artifacts = mlflow_command(
                 self.state_dir / "mlflow", self.ports["mlflow"])
-            st.processes.append(self._spawn("mlflow", argv))
-            st.save()
-            self._wait_http(f"{self.mlflow_uri}/health", timeout, st, "MLflow")
+            self._start_service(st, "mlflow", argv, timeout)
             step("waiting for PostgreSQL")
             self.postgres.wait_ready(timeout, st.processes, self.logs_dir)
+            if self.ha:
+                self._start_service(st, "supervisor", service_argv(self, "supervisor", st),
+                                    timeout)
         except BaseException:
             self.down()
             raise
         return st
 
-    def _start_node(self, node: NodePlan, joined: int, st: LocalState, timeout: float,
-                    step: Callable[[str], object]) -> None:
-        """Start one Ray node and wait until ``joined`` nodes are alive.
+    def _adopt(self, st: LocalState) -> None:
+        """Take the options of the platform recorded in ``st``."""
+        self.ports, self.metrics = st.ports, st.metrics
+        self.workers_per_pool, self.serve_proxy, self.ha = (st.workers_per_pool,
+                                                           st.serve_proxy, st.ha)
 
-        One node at a time, and a node that missed its registration is started again (up to
-        NODE_START_ATTEMPTS tries in all): ``ray start`` gives a raylet 30 s to register,
-        which a loaded 2-core machine can miss when several start at once."""
-        temp_dir = Path(st.temp_dir)
-        step(f"starting Ray {node.role} node for pool {node.pool}")
-        for attempt in range(1, NODE_START_ATTEMPTS + 1):
-            proc = self._start_ray_node(node, temp_dir)
-            st.processes.append(proc)
-            st.save()
-            try:
-                if node.role == "head":
-                    self._wait_http(f"{self.dashboard_url}/api/version", timeout, st,
-                                    "Ray dashboard", headers=self.auth_headers())
-                wait_for_nodes(self.dashboard, joined, timeout, processes=st.processes,
-                               logs=self.logs_dir)
-                return
-            except PlatformError:
-                if proc.alive() or attempt == NODE_START_ATTEMPTS:
-                    raise
-                # What the failed `ray start` left behind (its group is ours) goes, and so
-                # does its record of a running cluster, before the next try.
-                kill_group(proc.pid)
-                (temp_dir / "ray_current_cluster").unlink(missing_ok=True)
-                st.processes.remove(proc)
-                st.save()
-                step(f"Ray {node.role} node for pool {node.pool} missed its start "
-                     f"(try {attempt} of {NODE_START_ATTEMPTS}); starting it again")
-                time.sleep(2 * attempt)
+    def recover(self, timeout: float = 180.0,
+                progress: Callable[[str], object] | None = None) -> LocalState:
+        """Start again every recorded process of this platform that died, services before
+        Ray nodes, the head before the workers (as ``up`` ordered them)."""
+        step = progress or (lambda msg: None)
+        st = self.state()
+        if st is None:
+            raise PlatformError("no local platform is recorded here (run `rayplane up`)")
+        nodes = {process_name(NodePlan(**n)): n["pool"] for n in st.nodes}
+        for proc in [p for p in st.processes if not p.alive()]:
+            step(f"starting {proc.name} again")
+            if proc.name in nodes:
+                restart_node(self, nodes[proc.name], timeout)
+            else:
+                self.restart_service(proc.name, timeout)
+        return self.state() or st
+
+    def kill_node(self, pool: str) -> None:
+        """SIGKILL the Ray node of ``pool`` with everything it started (fault tests)."""
+        kill_node(self, pool)
+
+    def restart_node(self, pool: str, timeout: float = 180.0) -> ManagedProcess:
+        """Start the Ray node of ``pool`` again when it died; wait until it has joined."""
+        return restart_node(self, pool, timeout)
 
     def down(self, timeout: float = 30.0) -> list[str]:
         """Stop exactly the process groups this state folder recorded; returns their names."""
@@ -323,24 +338,27 @@ class LocalCluster:
         return stopped
 
     def restart_service(self, name: str, timeout: float = 60.0) -> ManagedProcess:
-        """Stop one service beside Ray (postgres, mlflow, prometheus) and start it again with
-        the same command line, as after a crash; returns its new process once it is ready."""
-        st = self.state()
-        proc = next((p for p in (st.processes if st else []) if p.name == name), None)
-        if st is None or proc is None or name.startswith("ray-"):
-            raise PlatformError(f"{name} is not a running service of this platform (postgres, "
-                                "mlflow, prometheus with --metrics); is it up?")
-        stop_group(proc, timeout)
-        pg = name == "postgres"
-        new = self._spawn_postgres(proc.argv) if pg else self._spawn(name, proc.argv)
-        st.processes[st.processes.index(proc)] = new
-        st.save()
-        if pg:
-            self.postgres.wait_ready(timeout, st.processes, self.logs_dir)
-        else:
-            self._wait_http(f"{self.mlflow_uri}/health" if name == "mlflow" else
-                            f"{self.prometheus_url}/-/ready", timeout, st, name)
+        """Stop one service beside Ray (one of SERVICES) and start it again with the same
+        command line, as after a crash; returns its new process once it is ready."""
+        with state_lock(self.state_dir):
+            st = self.state()
+            proc = next((p for p in (st.processes if st else []) if p.name == name), None)
+            if st is None or proc is None or name not in SERVICES:
+                raise PlatformError(f"{name} is not a running service of this platform "
+                                    f"({', '.join(SERVICES)}, as it was started); is it up?")
+            stop_group(proc, timeout)
+            new = (self._spawn_postgres(proc.argv) if name == "postgres" else
+                   self.spawn(name, proc.argv, proc.env))
+            st.processes[st.processes.index(proc)] = new
+            st.save()
+        wait_service_ready(self, name, st, timeout)
         return new
+
+    def _start_service(self, st: LocalState, name: str, argv: list[str],
+                       timeout: float) -> None:
+        st.processes.append(self.spawn(name, argv))
+        st.save()
+        wait_service_ready(self, name, st, timeout)
 
     # -- process starting ---------------------------------------------------------------
 
@@ -358,7 +376,7 @@ class LocalCluster:
         env.pop("RAY_ADDRESS", None)
         return env
 
-    def _spawn(self, name: str, argv: list[str], extra_env: dict[str, str] | None = None,
+    def spawn(self, name: str, argv: list[str], extra_env: dict[str, str] | None = None,
                *, env: dict[str, str] | None = None, stop_signal: str = "",
                **popen: object) -> ManagedProcess:
         """Start ``argv`` in a session of its own (its pid is its group), logging to
@@ -370,32 +388,15 @@ class LocalCluster:
                                     env=env or {**self._process_env(), **(extra_env or {})},
                                     start_new_session=True, **{"cwd": self.state_dir, **popen})
         return ManagedProcess(name=name, pid=proc.pid, argv=argv, log=str(log),
-                              stop_signal=stop_signal)
+                              stop_signal=stop_signal, env=dict(extra_env or {}))
 
     def _spawn_postgres(self, argv: list[str]) -> ManagedProcess:
         """The server, as the unprivileged account when rayplane runs as root, stopped by
         its fast shutdown (SIGINT: clients are disconnected, a checkpoint is written)."""
         user = service_user()
         self.postgres.wait_for_orphans(argv)
-        return self._spawn("postgres", argv, env=server_env(), stop_signal="SIGINT", cwd="/",
+        return self.spawn("postgres", argv, env=server_env(), stop_signal="SIGINT", cwd="/",
                            **(user.popen_kwargs() if user else {}))
-
-    def _start_ray_node(self, node: NodePlan, temp_dir: Path) -> ManagedProcess:
-        extra_env: dict[str, str] = self._serve_proxy_env(temp_dir)
-        if node.role == "head" and self.metrics:
-            extra_env["RAY_PROMETHEUS_HOST"] = self.prometheus_url
-        return self._spawn(f"ray-{node.role}-{node.pool}",
-                           ray_node_command(node, self.ports, temp_dir), extra_env)
-
-    def _serve_proxy_env(self, temp_dir: Path) -> dict[str, str]:
-        """What every node of this start needs for Serve's ingress: nothing on Ray's proxy;
-        on HAProxy its files in this platform's folder and one pair of free ports for its
-        stats page and exporter, the same for every node (``services.haproxy_env``)."""
-        if self.serve_proxy != "haproxy":
-            return {}
-        if self._haproxy_ports is None:  # one pair for every node of this start
-            self._haproxy_ports = (free_port(), free_port())
-        return haproxy_env(self.haproxy_dir, *self._haproxy_ports)
 
     # -- readiness ----------------------------------------------------------------------
 
@@ -408,7 +409,7 @@ class LocalCluster:
                     f"port {port} ({name}) is in use by another process; stop it or choose "
                     f"another port with {PORT_ENV[name]}=<port>")
 
-    def _wait_http(self, url: str, timeout: float, st: LocalState, what: str,
+    def wait_http(self, url: str, timeout: float, st: LocalState, what: str,
                    headers: dict | None = None) -> None:
         wait_http(url, timeout, what, processes=st.processes, logs=self.logs_dir,
                   headers=headers)
@@ -432,6 +433,8 @@ class LocalCluster:
             "postgres": redacted_dsn(self.ports["postgres"]),
             "postgres_dsn_file": str(self.postgres.dsn_path),
             "prometheus": self.prometheus_url if st and st.metrics else None,
+            "ha": bool(st and st.ha),
+            "redis": f"127.0.0.1:{self.ports['redis']}" if st and st.ha else None,
             "token_file": str(self.token_path),
             "api_key_file": str(self.api_key_path),
             "processes": [{"name": p.name, "pid": p.pid, "alive": p.alive()}
@@ -447,4 +450,4 @@ class LocalCluster:
         return info
 
 
-__all__ = ["NODE_START_ATTEMPTS", "LocalCluster"]
+__all__ = ["NODE_START_ATTEMPTS", "SERVICES", "LocalCluster"]

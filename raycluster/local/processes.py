@@ -14,7 +14,7 @@ import signal
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -30,6 +30,9 @@ class ManagedProcess:
     #: its children lead sessions of their own and are stopped by the leader); empty:
     #: SIGTERM to the whole group.
     stop_signal: str = ""
+    #: Environment it was started with beyond the platform's own (never a secret): a restart
+    #: (raycluster/local/nodes.py) starts it again exactly so.
+    env: dict[str, str] = field(default_factory=dict)
 
     def alive(self) -> bool:
         try:

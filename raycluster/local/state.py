@@ -4,8 +4,11 @@ all ``rayplane down`` ever signals."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -15,10 +18,13 @@ from raycluster.local.processes import ManagedProcess
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
 AUTH_TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
 
+#: ``serve`` is the platform's Serve ingress (what clients call); ``serve_head`` is the head
+#: node's own Serve proxy behind it (raycluster/local/ingress.py).
 DEFAULT_PORTS = {"gcs": 6379, "dashboard": 8265, "client": 10001, "mlflow": 5000,
-                 "serve": 8000, "prometheus": 9090, "postgres": 5432}
+                 "serve": 8000, "serve_head": 8001, "prometheus": 9090, "postgres": 5432,
+                 "redis": 6380}
 #: Ports of the services that only run when asked for: port name -> the option that asks.
-OPTIONAL_PORTS = {"prometheus": "metrics"}
+OPTIONAL_PORTS = {"prometheus": "metrics", "redis": "ha"}
 PORT_ENV = {name: f"RAYPLANE_{name.upper()}_PORT" for name in DEFAULT_PORTS}
 
 #: Serve's HTTP ingress: HAProxy in front of the ingress replicas, or Ray's Python proxy actor.
@@ -62,6 +68,11 @@ class LocalState:
     workers_per_pool: int = 2
     # A state file written before the choice existed is a platform on Ray's proxy.
     serve_proxy: str = "ray"
+    #: Head fault tolerance: GCS state in the platform's Redis, nodes restarted when they die.
+    ha: bool = False
+    #: The GCS's key prefix in Redis (KubeRay uses the RayCluster's UID): one per ``up``, kept
+    #: across head restarts so that the new head finds the cluster's state.
+    storage_namespace: str = ""
 
     @property
     def path(self) -> Path:
@@ -83,6 +94,19 @@ class LocalState:
         return cls(**data)
 
 
+@contextmanager
+def state_lock(state_dir: Path) -> Iterator[None]:
+    """Serialise the read-modify-write of ``state.json`` between the CLI and the node
+    supervisor (both restart processes and record their new pids)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / "state.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 __all__ = [
     "AUTH_MODE_ENV",
     "AUTH_TOKEN_PATH_ENV",
@@ -93,5 +117,6 @@ __all__ = [
     "LocalState",
     "NodePlan",
     "default_state_dir",
+    "state_lock",
     "write_secret",
 ]

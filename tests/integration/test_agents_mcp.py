@@ -40,8 +40,10 @@ def mcp_url(local_cluster):
 
     serve_client = client(ServeTarget(local_cluster.dashboard_url, local_cluster.auth_headers()))
     config = {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": local_cluster.ports["serve"]},
+        # The platform's Serve layout: a proxy per node with replicas, the head's on its own
+        # port, all behind the platform's ingress (raycluster/local/ingress.py).
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "127.0.0.1", "port": local_cluster.ports["serve_head"]},
         "applications": [mcp_application(
             name=APP, route_prefix=PREFIX,
             api_keys={"file": str(local_cluster.api_key_path)},

@@ -57,7 +57,7 @@ def rayplane(env: dict[str, str], *args: str, timeout: float = 420) -> subproces
 def local_cluster(tmp_path_factory: pytest.TempPathFactory):
     state_dir = tmp_path_factory.mktemp("rayplane-state")
     ports = {name: free_port() for name in DEFAULT_PORTS}
-    cluster = LocalCluster(state_dir=state_dir, ports=ports, metrics=True)
+    cluster = LocalCluster(state_dir=state_dir, ports=ports, metrics=True, ha=True)
     try:
         cluster.up(timeout=240)
     except BaseException:

@@ -59,20 +59,34 @@ def test_rayplane_up_refuses_an_unknown_serve_proxy_with_exit_2(tmp_path):
     assert not (tmp_path / "state.json").exists()
 
 
-def test_haproxy_nodes_get_their_own_files_ports_and_the_loopback_wrapper(tmp_path):
+def test_every_node_gets_its_own_haproxy_files_ports_and_the_loopback_wrapper(tmp_path):
+    from raycluster.local import LocalState
+    from raycluster.local.nodes import node_env
+
     cluster = LocalCluster(state_dir=tmp_path)
-    env = cluster._serve_proxy_env(cluster.temp_dir)
-    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
-    # HAProxy's socket paths are <folder>/<56-char node id>/<name>; HAProxy allows 97 bytes
-    assert len(f"{cluster.haproxy_dir}/{'0' * 56}/metrics.sock") <= 97
-    for key in ("CONFIG_FILE_LOC", "SOCKET_PATH", "SERVER_STATE_FILE", "METRICS_SOCKET_PATH"):
-        assert env[f"RAY_SERVE_HAPROXY_{key}"].startswith(f"{cluster.haproxy_dir}/")
-    assert env["RAY_SERVE_HAPROXY_STATS_PORT"] != "8404"
-    assert env["RAY_SERVE_HAPROXY_METRICS_PORT"] != "9101"
-    assert cluster._serve_proxy_env(cluster.temp_dir) == env, "one set for every node"
-    assert os.access(env["RAY_SERVE_HAPROXY_BINARY_PATH"], os.X_OK)
-    assert LocalCluster(state_dir=tmp_path, serve_proxy="ray")._serve_proxy_env(
-        cluster.temp_dir) == {}
+    st = LocalState(state_dir=str(tmp_path), ports=cluster.ports, temp_dir=str(cluster.temp_dir))
+    envs = {n.pool: node_env(cluster, n, st) for n in cluster.node_plan()}
+    folders = set()
+    for env in envs.values():
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+        folders.add(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"])
+        for key in ("CONFIG_FILE_LOC", "SOCKET_PATH", "SERVER_STATE_FILE", "METRICS_SOCKET_PATH"):
+            assert env[f"RAY_SERVE_HAPROXY_{key}"].startswith(
+                f"{env['RAY_SERVE_HAPROXY_SERVER_STATE_BASE']}/")
+        # HAProxy's socket paths are <folder>/<56-char node id>/<name>; it allows 97 bytes
+        folder = env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]
+        assert len(f"{folder}/{'0' * 56}/metrics.sock") <= 97
+        assert os.access(env["RAY_SERVE_HAPROXY_BINARY_PATH"], os.X_OK)
+    assert len(folders) == len(envs) and all(f.startswith(f"{cluster.haproxy_dir}/")
+                                             for f in folders)
+    # They share one host: no two nodes share a stats, exporter or worker proxy port.
+    ports = [env[k] for env in envs.values() for k in env if k.endswith("_PORT")]
+    assert len(ports) == len(set(ports)) and "8404" not in ports and "9101" not in ports
+    assert "RAY_SERVE_WORKER_PROXY_HTTP_PORT" not in envs["cpu"], "the head keeps serve_head"
+    assert all("RAY_SERVE_WORKER_PROXY_HTTP_PORT" in envs[p] for p in envs if p != "cpu")
+    ray_proxy = LocalCluster(state_dir=tmp_path, serve_proxy="ray")
+    assert not any(k.startswith("RAY_SERVE_HAPROXY")
+                   for k in node_env(ray_proxy, ray_proxy.node_plan()[0], st))
     import shutil
 
     shutil.rmtree(cluster.haproxy_dir)
