@@ -22,8 +22,12 @@ touched.
 Modules: ``state`` (ports, the state folder and ``state.json``), ``processes`` (process groups,
 sessions, ports), ``services`` (the command lines of Ray nodes, HAProxy, MLflow, Prometheus),
 ``postgres`` (PostgreSQL: binaries, initdb, its account when run as root, readiness),
-``dashboard`` (the dashboard and state-API client, readiness waits) and ``cluster``
-(``LocalCluster``: plan, up, down, status, restart of a service).
+``redis_store`` (the ``--ha`` head's Redis), ``ingress`` (the Serve ingress in front of the
+nodes' proxies), ``service_control`` (each service's command and readiness), ``nodes``
+(starting, killing and restarting a Ray node), ``supervisor`` (restarts dead nodes of an
+``--ha`` platform), ``health`` (``rayplane status``'s report), ``dashboard`` (the dashboard
+and state-API client, readiness waits) and ``cluster`` (``LocalCluster``: plan, up, recover,
+down, status, restart of a service).
 ``LocalCluster.attach(state_dir)`` is the one way to reach a running platform.
 """
 
