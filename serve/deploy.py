@@ -47,6 +47,9 @@ class ServeTarget:
     proxy_location: str | None = None
     public_url: str | None = None
     record: Path | None = None
+    #: Every Serve proxy behind ``public_url`` (the local platform's ingress balances over
+    #: them): a deploy waits until each that runs knows the new routes (``wait_routes``).
+    proxy_urls: tuple[str, ...] = ()
 
 
 def apply(serve_client, target: ServeTarget, config: dict) -> None:
@@ -192,7 +195,30 @@ def deploy(config: ServeAppConfig | str | Path, target: ServeTarget, *,
     serve_client = client(target)
     apply(serve_client, target, merge_applications(serve_client.get_serve_details(), rendered))
     wait_running(serve_client, config.name, timeout, progress=progress)
+    wait_routes(target, [config.route_prefix])
     return config, f"{public_url(rendered, target)}{config.route_prefix.rstrip('/')}/v1"
+
+
+def wait_routes(target: ServeTarget, prefixes: list[str], timeout: float = 60) -> None:
+    """Until every running Serve proxy of ``target`` routes ``prefixes``: an app is RUNNING
+    before each proxy has learnt its route, and behind a balancer a client's first requests
+    would otherwise meet a 404 from a proxy that has not. A proxy that does not answer (none
+    runs on a node without replicas) is skipped."""
+    import urllib.error
+    import urllib.request
+
+    wanted = {p.rstrip("/") or "/" for p in prefixes}
+    deadline = time.monotonic() + timeout
+    for url in target.proxy_urls:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/-/routes", timeout=2) as resp:
+                    routes = {r.rstrip("/") or "/" for r in json.loads(resp.read())}
+            except (urllib.error.URLError, OSError, ValueError):
+                break  # no proxy there (or not one that lists routes)
+            if wanted <= routes or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
 
 
 def at_target(rendered: dict, target: ServeTarget) -> dict:
@@ -234,4 +260,4 @@ def chat_once(message: str, *, base_url: str, api_key: str, model: str | None = 
 
 __all__ = ["DEFAULT_CONFIG", "ServeTarget", "applied", "apply", "at_target", "chat_once",
            "client", "deploy", "first_line", "merge_applications", "public_url",
-           "remove_applications", "render", "wait_running", "with_source"]
+           "remove_applications", "render", "wait_routes", "wait_running", "with_source"]

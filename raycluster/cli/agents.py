@@ -41,6 +41,7 @@ from serve.deploy import (
     merge_applications,
     public_url,
     remove_applications,
+    wait_routes,
     wait_running,
 )
 
@@ -104,6 +105,8 @@ def deploy(config: AgentsAppConfig, catalog, target: ServeTarget, cluster: Local
     apply(serve_client, target, merge_applications(serve_client.get_serve_details(), rendered))
     for name in app_names(config):
         wait_running(serve_client, name, timeout, progress=progress)
+    wait_routes(target, [a["route_prefix"] for a in rendered["applications"]
+                         if a["name"] in app_names(config) and a.get("route_prefix")])
     return urls(config, public_url(rendered, target))
 
 

@@ -41,6 +41,7 @@ from serve.deploy import (
     deploy,
     remove_applications,
     render,
+    wait_routes,
     wait_running,
     with_source,
 )
@@ -64,7 +65,8 @@ def cluster_target(cluster: LocalCluster) -> ServeTarget:
     ``rayplane up`` restores the applications from."""
     return ServeTarget(dashboard_url=cluster.dashboard_url, headers=cluster.auth_headers(),
                        serve_port=cluster.ports["serve_head"], proxy_location="EveryNode",
-                       public_url=cluster.serve_url, record=cluster.serve_record_path)
+                       public_url=cluster.serve_url, record=cluster.serve_record_path,
+                       proxy_urls=cluster.serve_proxy_urls())
 
 
 def restore_applications(cluster: LocalCluster, timeout: float = 600,
@@ -84,6 +86,8 @@ def restore_applications(cluster: LocalCluster, timeout: float = 600,
     apply(serve_client, target, config)
     for name in missing:
         wait_running(serve_client, name, timeout, progress=progress)
+    wait_routes(target, [a["route_prefix"] for a in config["applications"]
+                         if a["name"] in missing and a.get("route_prefix")])
     return missing
 
 

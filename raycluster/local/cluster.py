@@ -26,7 +26,6 @@ from raycluster.local.dashboard import Dashboard, node_summary, wait_http
 from raycluster.local.nodes import (
     NODE_START_ATTEMPTS,
     kill_node,
-    process_name,
     restart_node,
     start_node,
 )
@@ -37,7 +36,7 @@ from raycluster.local.processes import (
     stop_group,
     stop_sessions,
 )
-from raycluster.local.service_control import SERVICES, service_argv, wait_service_ready
+from raycluster.local.service_control import SERVICES, recover, service_argv, wait_service_ready
 from raycluster.local.services import mlflow_command
 from raycluster.local.state import (
     AUTH_MODE_ENV,
@@ -153,6 +152,14 @@ class LocalCluster:
     @property
     def serve_url(self) -> str:
         return f"http://127.0.0.1:{self.ports['serve']}"
+
+    def serve_proxy_urls(self) -> tuple[str, ...]:
+        """The Serve proxies behind the ingress: the head's, then each worker node's."""
+        st = self.state()
+        workers = [p.env["RAY_SERVE_WORKER_PROXY_HTTP_PORT"] for p in (st.processes if st else [])
+                   if "RAY_SERVE_WORKER_PROXY_HTTP_PORT" in p.env]
+        return tuple(f"http://127.0.0.1:{port}" for port in
+                     [self.ports["serve_head"], *workers])
 
     @property
     def agents_url(self) -> str:
@@ -294,20 +301,9 @@ class LocalCluster:
 
     def recover(self, timeout: float = 180.0,
                 progress: Callable[[str], object] | None = None) -> LocalState:
-        """Start again every recorded process of this platform that died, services before
-        Ray nodes, the head before the workers (as ``up`` ordered them)."""
-        step = progress or (lambda msg: None)
-        st = self.state()
-        if st is None:
-            raise PlatformError("no local platform is recorded here (run `rayplane up`)")
-        nodes = {process_name(NodePlan(**n)): n["pool"] for n in st.nodes}
-        for proc in [p for p in st.processes if not p.alive()]:
-            step(f"starting {proc.name} again")
-            if proc.name in nodes:
-                restart_node(self, nodes[proc.name], timeout)
-            else:
-                self.restart_service(proc.name, timeout)
-        return self.state() or st
+        """Start again every recorded process of this platform that died (services before
+        Ray nodes, the head before the workers, as ``up`` ordered them)."""
+        return recover(self, timeout, progress)
 
     def kill_node(self, pool: str) -> None:
         """SIGKILL the Ray node of ``pool`` with everything it started (fault tests)."""

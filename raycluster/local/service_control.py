@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from raycluster.errors import PlatformError
 from raycluster.local.ingress import ingress_command
+from raycluster.local.nodes import process_name, restart_node
 from raycluster.local.processes import port_is_free
 from raycluster.local.redis_store import redis_command, redis_ping
 from raycluster.local.services import haproxy_binary, prometheus_command
-from raycluster.local.state import LocalState
+from raycluster.local.state import LocalState, NodePlan
 
 if TYPE_CHECKING:
     from raycluster.local.cluster import LocalCluster
@@ -67,4 +69,22 @@ def wait_service_ready(cluster: LocalCluster, name: str, st: LocalState, timeout
             time.sleep(0.2)
 
 
-__all__ = ["SERVICES", "service_argv", "wait_service_ready"]
+def recover(cluster: LocalCluster, timeout: float = 180.0,
+            progress: Callable[[str], object] | None = None) -> LocalState:
+    """Start again every recorded process of this platform that died, services before
+    Ray nodes, the head before the workers (as ``up`` ordered them)."""
+    step = progress or (lambda msg: None)
+    st = cluster.state()
+    if st is None:
+        raise PlatformError("no local platform is recorded here (run `rayplane up`)")
+    nodes = {process_name(NodePlan(**n)): n["pool"] for n in st.nodes}
+    for proc in [p for p in st.processes if not p.alive()]:
+        step(f"starting {proc.name} again")
+        if proc.name in nodes:
+            restart_node(cluster, nodes[proc.name], timeout)
+        else:
+            cluster.restart_service(proc.name, timeout)
+    return cluster.state() or st
+
+
+__all__ = ["SERVICES", "recover", "service_argv", "wait_service_ready"]
