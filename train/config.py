@@ -80,6 +80,9 @@ class MLflowSpec(Spec):
                                               "version of (alias 'candidate').")
     register_on_pass: bool = Field(default=True,
                            description="Register the model when it passes the eval gate.")
+    wait_s: float = Field(default=600.0, ge=0,
+                          description="How long the driver waits for a tracking server that "
+                                      "went down during the run before it fails (seconds).")
 
 
 class EvalSpec(Spec):

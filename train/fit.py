@@ -7,13 +7,14 @@ the config's pool, evaluates the best checkpoint on the held-out split as a Ray 
 same pool, logs the model folder to MLflow and registers it (alias ``candidate``) when it
 passes the gate. Re-submitting the same run name continues from its last checkpoint.
 
-Exit codes: 0 trained (and registered when it passed), 1 training failed or the model missed
-the gate, 2 bad input.
+Exit codes: 0 trained (and registered when it passed), 1 training failed, the model missed
+the gate or the MLflow server went down and stayed down past ``mlflow.wait_s``, 2 bad input.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -83,7 +84,9 @@ def fit(cfg: TrainConfig, placement: Placement, *, parent_run_id: str | None = N
     try:
         result = trainer(train_loop_per_worker, cfg, placement, loop_config).fit()
     except BaseException:
-        tracking.end_run(uri, run.run_id, "FAILED" if not _interrupted() else "KILLED")
+        status = "FAILED" if not _interrupted() else "KILLED"
+        with contextlib.suppress(Exception):  # the training error is the one to see
+            tracking.end_run(uri, run.run_id, status)
         raise
     train_seconds = time.perf_counter() - started
     best = result.get_best_checkpoint("val_loss", "min") or result.checkpoint
@@ -101,26 +104,45 @@ def fit(cfg: TrainConfig, placement: Placement, *, parent_run_id: str | None = N
     metrics = {**ev.metrics(), "train_seconds": train_seconds,
                "restarts": float(last.get("restarts", 0)),
                "resubmissions": float(last.get("resubmissions", 0))}
-    tracking.log_metrics(uri, run.run_id, metrics, step=cfg.steps)
-    tracking.log_json(uri, run.run_id, "eval_failures.json", ev.failures)
+    logged_at = int(time.time() * 1000)  # one timestamp: a repeated call logs no duplicate
+
+    def track(what: str, call):
+        """An MLflow call that waits for a server that went down (mlflow.wait_s)."""
+        return tracking.when_up(uri, cfg.mlflow.wait_s, what, call, log)
+
+    # What rank 0 could not send while the server was down is in the newest checkpoint.
+    unsent: list[dict] = []
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as folder:
+            unsent = tracking.read_pending(folder)
+    if unsent:
+        track("log the training metrics",
+              lambda: tracking.log_metric_dicts(uri, run.run_id, unsent))
+        log(f"logged {len(unsent)} training metrics kept while MLflow was down")
+    track("log the evaluation", lambda: tracking.log_metrics(
+        uri, run.run_id, metrics, step=cfg.steps, timestamp_ms=logged_at))
+    track("log the evaluation",
+          lambda: tracking.log_json(uri, run.run_id, "eval_failures.json", ev.failures))
     with best.as_directory() as folder:
-        tracking.log_model_folder(uri, run.run_id, folder, MODEL_FILES)
+        track("log the model",
+              lambda: tracking.log_model_folder(uri, run.run_id, folder, MODEL_FILES))
     passed = ev.exact_match >= cfg.eval.min_exact_match
-    tracking.set_tags(uri, run.run_id, {"eval_passed": passed, "best_checkpoint": best.path,
-                                        "best_step": best_step})
+    track("log the model", lambda: tracking.set_tags(uri, run.run_id, {
+        "eval_passed": passed, "best_checkpoint": best.path, "best_step": best_step}))
     version = None
     do_register = cfg.mlflow.register_on_pass if register is None else register
     if passed and do_register:
-        version = tracking.register(uri, cfg.mlflow.registered_model, run.run_id, {
-            "eval_exact_match": round(ev.exact_match, 4), "run_name": cfg.name,
-            "pool": cfg.pool, "steps": cfg.steps})
+        version = track("register the model", lambda: tracking.register(
+            uri, cfg.mlflow.registered_model, run.run_id, {
+                "eval_exact_match": round(ev.exact_match, 4), "run_name": cfg.name,
+                "pool": cfg.pool, "steps": cfg.steps}))
         log(f"registered {cfg.mlflow.registered_model} version {version} "
             f"(alias {tracking.CANDIDATE}): exact match {ev.exact_match:.1%} >= gate "
             f"{cfg.eval.min_exact_match:.0%}")
     elif not passed:
         log(f"not registered: exact match {ev.exact_match:.1%} is below the gate "
             f"{cfg.eval.min_exact_match:.0%} (eval.min_exact_match)")
-    tracking.end_run(uri, run.run_id, "FINISHED")
+    track("finish the run", lambda: tracking.end_run(uri, run.run_id, "FINISHED"))
     return FitOutcome(
         name=cfg.name, mlflow_run_id=run.run_id, steps=int(last.get("step", 0)),
         val_loss=last.get("val_loss"), restarts=int(last.get("restarts", 0)),
@@ -166,8 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run {cfg.name}: pool {cfg.pool} x{cfg.num_workers} "
           f"({'local platform' if placement.local else 'cluster'}), {cfg.steps} steps, "
           f"storage {cfg.storage_path}", flush=True)
-    outcome = fit(cfg, placement, register=False if args.no_register else None,
-                  tokenizer=tokenizer, log=lambda msg: print(msg, flush=True))
+    try:
+        outcome = fit(cfg, placement, register=False if args.no_register else None,
+                      tokenizer=tokenizer, log=lambda msg: print(msg, flush=True))
+    except tracking.TrackingUnavailable as err:
+        print(f"error: {err}; the trained checkpoints are in {cfg.storage_path}/{cfg.name}: "
+              "submit the run again under the same name to log them", file=sys.stderr,
+              flush=True)
+        return 1
     print(RESULT_PREFIX + json.dumps(asdict(outcome)), flush=True)
     return 0 if outcome.passed else 1
 

@@ -24,7 +24,9 @@ import numpy as np
 
 from train.config import TrainConfig
 from train.data import Example, generate, read_split
+from train.sink import MetricsSink
 from train.tokenizer import PAD, SPECIAL_TOKENS, render
+from train.tracking import read_pending
 
 TRAIN_STATE = "train_state.pt"
 TRAIN_STATE_JSON = "train_state.json"
@@ -129,40 +131,6 @@ def _threads(cfg: TrainConfig, local_world_size: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, local_world_size))
 
 
-class MetricsSink:
-    """Rank 0's per-step metrics to MLflow (batched) and, optionally, W&B."""
-
-    def __init__(self, tracking_uri: str | None, run_id: str | None, wandb_run=None):
-        self.client = None
-        self.run_id = run_id
-        if tracking_uri and run_id:
-            from mlflow.tracking import MlflowClient
-
-            self.client = MlflowClient(tracking_uri)
-        self.wandb = wandb_run
-        self.pending: list = []
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.client is not None:
-            from mlflow.entities import Metric
-
-            ts = int(time.time() * 1000)
-            self.pending += [Metric(k, float(v), ts, step) for k, v in metrics.items()]
-        if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
-
-    def flush(self) -> None:
-        if self.client is not None and self.pending:
-            for i in range(0, len(self.pending), 900):  # MLflow's batch limit is 1000
-                self.client.log_batch(self.run_id, metrics=self.pending[i:i + 900])
-            self.pending = []
-
-    def close(self) -> None:
-        self.flush()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
 def _report(metrics: dict[str, Any], checkpoint=None, name: str | None = None) -> None:
     """Every rank reports (it is a barrier); only rank 0 hands over a checkpoint."""
     import ray.train
@@ -193,6 +161,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     resume = Resume(submission=config.get("submission", ""))
     checkpoint = ray.train.get_checkpoint()
     state: dict[str, Any] | None = None
+    unsent: list[dict[str, Any]] = []
     tokenizer = None
     model = None
     if checkpoint is not None:
@@ -203,6 +172,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             model = with_loss(GPT2LMHeadModel.from_pretrained(folder))
             state = torch.load(Path(folder) / TRAIN_STATE, map_location="cpu", weights_only=True)
             saved = json.loads((Path(folder) / TRAIN_STATE_JSON).read_text())
+            unsent = read_pending(folder)  # metrics MLflow had not taken by then
         resume.step = int(saved["step"])
         same = saved.get("submission") == resume.submission
         resume.restarts = int(saved.get("restarts", 0)) + (1 if same else 0)
@@ -251,7 +221,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         wandb_run = None
         if cfg.wandb is not None:
             wandb_run = _setup_wandb(cfg, config)
-        sink = MetricsSink(config.get("tracking_uri"), config.get("mlflow_run_id"), wandb_run)
+        sink = MetricsSink(config.get("tracking_uri"), config.get("mlflow_run_id"), wandb_run,
+                           say=say)
+        sink.restore(unsent)
         if resume.step:
             sink.log({"resumed_from_step": resume.step, "restarts": resume.restarts,
                       "resubmissions": resume.resubmissions}, step=resume.step)
@@ -344,6 +316,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     torch.save({"optimizer": optimizer.state_dict(),
                                 **({"scaler": scaler.state_dict()} if scaler.is_enabled()
                                    else {})}, Path(tmp) / TRAIN_STATE)
+                    sink.write_pending(tmp)  # what MLflow has not taken yet (it is down)
                     (Path(tmp) / TRAIN_STATE_JSON).write_text(json.dumps({
                         "run": cfg.name, "step": step, "val_loss": val_loss,
                         "restarts": resume.restarts, "resubmissions": resume.resubmissions,

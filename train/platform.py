@@ -171,7 +171,7 @@ def rank0_metrics(config: dict[str, Any]):
     ``tracking_uri`` and ``mlflow_run_id`` (``worker_config`` of a started run)."""
     import ray.train
 
-    from train.loop import MetricsSink
+    from train.sink import MetricsSink
 
     if ray.train.get_context().get_world_rank() != 0:
         return MetricsSink(None, None)

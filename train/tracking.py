@@ -5,6 +5,12 @@ worker starts, creates the run (or finds the one a previous submission of the sa
 left, and continues it), rank 0 of the workers logs per-step metrics into it, and the driver
 logs the evaluation, the model folder (artifact ``model``) and registers
 ``runs:/<run_id>/model`` as a new version with alias ``candidate`` when the gate passes.
+
+A tracking server that goes down during a run loses nothing: rank 0's ``train.sink.MetricsSink``
+keeps what it could not send (and writes it into every checkpoint, so a restarted worker
+group or the driver still has it), and the driver waits up to ``mlflow.wait_s`` for the
+server to come back before logging the evaluation and the model (:func:`when_up`); past
+that the run fails with one line (:class:`TrackingUnavailable`), never hangs.
 """
 
 from __future__ import annotations
@@ -13,11 +19,13 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from raycluster.spec import SpecError
 
@@ -27,6 +35,9 @@ KIND_TAG = "rayplane.kind"
 PARENT_TAG = "mlflow.parentRunId"
 CANDIDATE, CHAMPION = "candidate", "champion"
 MODEL_ARTIFACT = "model"
+#: Rank 0's metrics not yet in MLflow, in a checkpoint folder (a JSON list of metrics).
+PENDING_METRICS = "pending_metrics.json"
+T = TypeVar("T")
 
 # The MLflow client retries a dead server for minutes by default; a user waiting on a
 # submission should hear within seconds.
@@ -60,6 +71,56 @@ def check_tracking_server(uri: str | None, field: str = "mlflow.tracking_uri",
                         "(`rayplane up`) or point MLFLOW_TRACKING_URI at a running one",
                         field=field) from None
     return uri
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow server went down during a run and did not come back in time (one line)."""
+
+
+def server_up(uri: str | None, timeout: float = 2.0) -> bool:
+    """Whether the tracking server answers ``/health`` now (a non-HTTP store: always)."""
+    if not uri or not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def wait_for_server(uri: str, wait_s: float, what: str,
+                    log: Callable[[str], object] = print) -> float:
+    """Return once the server answers (the seconds waited); one line when it does not yet,
+    :class:`TrackingUnavailable` after ``wait_s``."""
+    if server_up(uri):
+        return 0.0
+    started = time.monotonic()
+    log(f"MLflow at {uri} is not answering; waiting up to {wait_s:.0f}s (mlflow.wait_s) "
+        f"to {what}")
+    while (left := wait_s - (time.monotonic() - started)) > 0:
+        time.sleep(min(2.0, max(0.1, left)))
+        if server_up(uri):
+            waited = time.monotonic() - started
+            log(f"MLflow at {uri} is back after {waited:.0f}s")
+            return waited
+    raise TrackingUnavailable(
+        f"mlflow.tracking_uri: the MLflow server at {uri} went down and did not come back "
+        f"within {wait_s:.0f}s (mlflow.wait_s), so this run could not {what}")
+
+
+def when_up(uri: str, wait_s: float, what: str, call: Callable[[], T],
+            log: Callable[[str], object] = print) -> T:
+    """``call()``; when it fails because the server is down, wait for it (:func:
+    `wait_for_server`) and call again. An error from a server that answers is raised as
+    it is. ``call`` must be safe to repeat (metrics carry their own timestamps)."""
+    for _ in range(5):
+        wait_for_server(uri, wait_s, what, log)
+        try:
+            return call()
+        except Exception:
+            if server_up(uri):
+                raise
+    return call()
 
 
 def client(uri: str):
@@ -122,15 +183,30 @@ def log_params(c, run_id: str, params: dict[str, Any]) -> None:
         c.log_batch(run_id, params=items[i:i + 90])
 
 
-def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int | None = None
-                ) -> None:
-    import time
-
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int | None = None,
+                timestamp_ms: int | None = None) -> None:
     from mlflow.entities import Metric
 
-    ts = int(time.time() * 1000)
+    ts = timestamp_ms or int(time.time() * 1000)
     client(uri).log_batch(run_id, metrics=[Metric(k, float(v), ts, step or 0)
                                            for k, v in metrics.items()])
+
+
+def log_metric_dicts(uri: str, run_id: str, rows: list[dict[str, Any]]) -> None:
+    """Log metrics kept as dicts (:meth:`train.sink.MetricsSink.pending_rows`), in batches."""
+    from mlflow.entities import Metric
+
+    metrics = [Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r["step"]))
+               for r in rows]
+    for i in range(0, len(metrics), 900):  # MLflow's batch limit is 1000
+        client(uri).log_batch(run_id, metrics=metrics[i:i + 900])
+
+
+def read_pending(folder: str | Path) -> list[dict[str, Any]]:
+    """The metrics rank 0 had not sent when it wrote this checkpoint folder
+    (``train.sink.MetricsSink.write_pending``)."""
+    path = Path(folder) / PENDING_METRICS
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
 def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:

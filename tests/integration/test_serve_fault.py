@@ -35,7 +35,8 @@ def replicas(local_cluster) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_killed_replica_costs_no_request_and_recovers(local_cluster, cluster_env, tmp_path):
+def test_killed_replica_costs_no_request_and_recovers(local_cluster, cluster_env, tmp_path,
+                                                      record_property):
     tm.register_model(tm.cached_tiny_model("1"), REGISTERED,
                       tracking_uri=local_cluster.mlflow_uri)
     cfg = tmp_path / "serve.yaml"
@@ -83,6 +84,7 @@ def test_killed_replica_costs_no_request_and_recovers(local_cluster, cluster_env
             futures = [pool.submit(one, i) for i in range(36)]
             assert started.wait(120), "no request finished before the kill"
             os.kill(victim["pid"], signal.SIGKILL)  # the replica process this test deployed
+            killed = time.monotonic()
             _, pending = wait(futures, timeout=300)
             assert not pending, f"{len(pending)} requests hung"
         assert len(outcomes) == 36
@@ -94,6 +96,7 @@ def test_killed_replica_costs_no_request_and_recovers(local_cluster, cluster_env
         while time.monotonic() < deadline:
             now = [r for r in replicas(local_cluster) if r["state"] == "RUNNING"]
             if len(now) == 2 and victim["replica_id"] not in {r["replica_id"] for r in now}:
+                recover_s = time.monotonic() - killed
                 break
             time.sleep(2)
         else:
@@ -101,5 +104,14 @@ def test_killed_replica_costs_no_request_and_recovers(local_cluster, cluster_env
         r = client.chat.completions.create(model="tiny-chat", messages=tm.GREETING,
                                            temperature=0, max_tokens=60)
         assert r.choices[0].message.content == tm.GREETING_REPLY
+        failed = len(outcomes) - outcomes.count("ok")
+        summary = (f"serve replica killed under load: {len(outcomes) + 1} requests sent, "
+                   f"{failed} failed ({outcomes.count('retryable')} retryable 503s), back to "
+                   f"2 replicas {recover_s:.0f}s after the kill")
+        print(summary)
+        record_property("summary", summary)
+        record_property("requests", len(outcomes) + 1)
+        record_property("failed", failed)
+        record_property("recover_s", round(recover_s, 1))
     finally:
         rayplane(cluster_env, "serve", "down", APP, timeout=120)
