@@ -29,10 +29,11 @@ def build_app(args: dict) -> serve.Application:
     if args.get("ingress_mode") == "direct":
         (model,) = args["models"]
         return OpenAIIngress.options(name=model["deployment"]).bind(
-            None, args.get("api_keys"), in_replica=model, mlflow_tracking_uri=tracking)
+            None, args.get("api_keys"), in_replica=model, mlflow_tracking_uri=tracking,
+            limits=args.get("limits"))
     models = {m["name"]: ModelServer.options(name=m["deployment"]).bind(m, tracking)
               for m in args["models"]}
-    return OpenAIIngress.bind(models, args.get("api_keys"))
+    return OpenAIIngress.bind(models, args.get("api_keys"), limits=args.get("limits"))
 
 
 __all__ = ["build_app"]

@@ -61,6 +61,9 @@ def app_args(config: ServeAppConfig) -> dict[str, Any]:
         "api_keys": config.api_keys.model_dump() if config.api_keys else None,
         "mlflow_tracking_uri": config.mlflow_tracking_uri,
     }
+    limits = config.limits_args()
+    if limits is not None:  # tenants (keys by reference) and their limits, serve/limits.py
+        args["limits"] = limits
     if config.ingress.mode is IngressMode.direct:
         args["ingress_mode"] = IngressMode.direct.value
     return args
@@ -134,6 +137,9 @@ def vllm_application(config: ServeAppConfig, catalog: Catalog) -> dict[str, Any]
             },
         },
     }
+    limits = config.limits_args()
+    if limits is not None:  # tenants and their limits, serve/middleware.py
+        app["args"]["limits"] = limits
     if config.mlflow_tracking_uri:
         app["runtime_env"] = {"env_vars": {"MLFLOW_TRACKING_URI": config.mlflow_tracking_uri}}
     return app

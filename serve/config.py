@@ -215,6 +215,72 @@ class ApiKeys(Spec):
         return self
 
 
+# A DNS label (it names the tenant's key in the API keys Secret and its volume on EKS).
+_TENANT_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
+
+
+class RateLimits(Spec):
+    """Requests and tokens per minute (unset: unlimited)."""
+
+    requests_per_minute: int | None = Field(default=None, ge=1, description=(
+        "Requests per minute (every authenticated request to /v1 counts); past it 429 with "
+        "Retry-After."))
+    tokens_per_minute: int | None = Field(default=None, ge=1, description=(
+        "Prompt + completion tokens per minute (max_tokens x n reserved at admission, the "
+        "exact usage settled when the response ends); past it 429 with Retry-After."))
+
+    @property
+    def unlimited(self) -> bool:
+        return self.requests_per_minute is None and self.tokens_per_minute is None
+
+
+class TenantSpec(Spec):
+    """A tenant of the OpenAI endpoint: its API keys (read like ``api_keys``: named by env
+    variable or file, never written here) share one budget."""
+
+    name: str = Field(description="Tenant name (metrics label, 429 messages).")
+    api_keys: ApiKeys = Field(description="Where this tenant's keys are read.")
+    requests_per_minute: int | None = Field(default=None, ge=1, description=(
+        "Requests per minute of all this tenant's keys together (unset: unlimited)."))
+    tokens_per_minute: int | None = Field(default=None, ge=1, description=(
+        "Prompt + completion tokens per minute of all its keys together (unset: "
+        "unlimited)."))
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _TENANT_NAME.match(v):
+            raise ValueError("use lowercase letters, digits and '-' (at most 40, starting "
+                             "and ending with a letter or digit)")
+        if v == "default":
+            raise ValueError("'default' names the keys without a tenant; choose another name")
+        return v
+
+
+def _key_sources(keys: ApiKeys) -> list[tuple[str, str]]:
+    return [(kind, value) for kind, value in (("env", keys.env), ("file", keys.file)) if value]
+
+
+def check_tenants(tenants: list[TenantSpec], api_keys: ApiKeys | None) -> None:
+    """Tenant names are unique and no env variable or file feeds two of them (or a tenant and
+    ``api_keys``): a key belongs to one budget."""
+    names: dict[str, int] = {}
+    sources: dict[tuple[str, str], str] = {}
+    if api_keys is not None:
+        sources.update({src: f"api_keys.{src[0]}" for src in _key_sources(api_keys)})
+    for i, tenant in enumerate(tenants):
+        if tenant.name in names:
+            raise ValueError(f"tenants[{i}].name: {tenant.name!r} is also "
+                             f"tenants[{names[tenant.name]}]; tenant names must be unique")
+        names[tenant.name] = i
+        for src in _key_sources(tenant.api_keys):
+            here = f"tenants[{i}].api_keys.{src[0]}"
+            if src in sources:
+                raise ValueError(f"{here}: {src[1]!r} is also {sources[src]}; a key belongs "
+                                 "to one tenant, give each its own")
+            sources[src] = here
+
+
 def check_api_keys(api_keys: ApiKeys | None, allow_unauthenticated: bool) -> None:
     """A public endpoint has keys, unless its config says explicitly that it has none (the
     OpenAI app and the agents app alike)."""
@@ -260,8 +326,20 @@ class ServeAppConfig(Spec):
                                             description="MLflow server that models:/ and runs:/ "
                                                         "sources resolve against (default: the "
                                                         "nodes' MLFLOW_TRACKING_URI).")
+    tenants: list[TenantSpec] = Field(default_factory=list, description=(
+        "Tenants, each with its own keys and limits; their keys are accepted besides "
+        "api_keys."))
+    default_limits: RateLimits = Field(default_factory=RateLimits, description=(
+        "Limits of each key of api_keys that no tenant holds (one budget per key)."))
     ingress: IngressSpec = Field(default_factory=IngressSpec, description="The router.")
     http: HttpSpec = Field(default_factory=HttpSpec, description="Serve's HTTP proxy.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty: it names the Serve application")
+        return v
 
     @field_validator("route_prefix")
     @classmethod
@@ -296,12 +374,49 @@ class ServeAppConfig(Spec):
             if self.engine is not EngineKind.cpu:
                 raise ValueError("ingress.mode: 'direct' is for the cpu engine; vllm apps use "
                                  "ray.serve.llm's router (use 'router')")
-        check_api_keys(self.api_keys, self.allow_unauthenticated)
+        self._check_tenants()
         return self
+
+    def _check_tenants(self) -> None:
+        limited = bool(self.tenants) or not self.default_limits.unlimited
+        if not self.tenants:
+            check_api_keys(self.api_keys, self.allow_unauthenticated)
+        elif self.allow_unauthenticated:
+            raise ValueError("allow_unauthenticated: true contradicts tenants (tenants are "
+                             "told apart by their API keys); keep one")
+        check_tenants(self.tenants, self.api_keys)
+        if not self.default_limits.unlimited and self.api_keys is None:
+            raise ValueError("default_limits: they apply to the keys of api_keys that no "
+                             "tenant holds, and this config has no api_keys")
+        if limited and self.ingress.mode is IngressMode.direct:
+            scaling = self.models[0].autoscaling
+            if scaling.min_replicas != scaling.max_replicas:
+                raise ValueError(
+                    "tenants: with ingress.mode 'direct' every model replica enforces an equal "
+                    "share of the limits, which needs a fixed replica count: set "
+                    "models[0].autoscaling min_replicas = max_replicas, or use 'router'")
 
     @property
     def engine(self) -> EngineKind:
         return self.models[0].engine
+
+    @property
+    def ingress_replicas(self) -> int:
+        """Replicas that enforce the limits, each an equal share: the router's, or in
+        ``direct`` mode the model's (a fixed count when limits are set)."""
+        if self.ingress.mode is IngressMode.direct:
+            return max(1, self.models[0].autoscaling.max_replicas)
+        return self.ingress.replicas
+
+    def limits_args(self) -> dict[str, Any] | None:
+        """What the ingress's key store and limiter receive (``args["limits"]`` of the Serve
+        config): the tenants (their keys by reference), the default limits and the replica
+        count they are shared by; None when there are neither tenants nor default limits."""
+        if not self.tenants and self.default_limits.unlimited:
+            return None
+        return {"tenants": [t.model_dump(mode="json") for t in self.tenants],
+                "default": self.default_limits.model_dump(mode="json"),
+                "replicas": self.ingress_replicas}
 
 
 __all__ = [
@@ -313,8 +428,11 @@ __all__ = [
     "IngressMode",
     "IngressSpec",
     "ModelSpec",
+    "RateLimits",
     "ServeAppConfig",
     "SourceKind",
+    "TenantSpec",
+    "check_tenants",
     "parse_registry_ref",
     "source_kind",
 ]

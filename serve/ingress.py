@@ -1,6 +1,7 @@
 """The CPU app's ingress (``OpenAIIngress``): the OpenAI routes over FastAPI, and the request
-path every call takes -- API key, request validation, routing by ``model``, OpenAI error
-bodies, and retries of a replica that died before answering.
+path every call takes -- API key, request validation, the tenant's rate limits (serve/limits.py:
+429 + ``Retry-After``), routing by ``model``, OpenAI error bodies, and retries of a replica
+that died before answering.
 
 ``ingress.mode: router`` (the default): its own deployment, which calls one deployment per
 model (serve/model_server.py) through Serve handles, as in ``ray.serve.llm``.
@@ -12,7 +13,6 @@ only.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 from typing import Any
@@ -24,16 +24,19 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raycluster.spec import field_path
-from serve.auth import ApiKeyStore, authenticate
+from serve.auth import ApiKeyStore, Principal, authorize
 from serve.builder import INGRESS_DEPLOYMENT
 from serve.engines.base import EngineError
+from serve.limits import Limiter, LimitMetrics, Refusal, Ticket, UsageTap, reservation, usage_tokens
 from serve.model_server import InReplicaModel, ModelServer
 from serve.protocol import (
     SSE_DONE,
     ChatCompletionRequest,
     CompletionRequest,
     ModelList,
+    StreamOptions,
     error_body,
+    install_openapi,
     sse,
     unknown_fields,
 )
@@ -73,6 +76,7 @@ def _overloaded(err: BaseException) -> bool:
 
 
 api = FastAPI(title="rayplane OpenAI API", docs_url=None, redoc_url=None)
+install_openapi(api)
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -85,7 +89,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 @serve.ingress(api)
 class OpenAIIngress:
     def __init__(self, models: dict[str, Any] | None, api_keys: dict | None = None,
-                 in_replica: dict | None = None, mlflow_tracking_uri: str | None = None):
+                 in_replica: dict | None = None, mlflow_tracking_uri: str | None = None,
+                 limits: dict | None = None):
         from serve.metrics import IngressMetrics
 
         self.local_server = None
@@ -94,7 +99,13 @@ class OpenAIIngress:
             models = {in_replica["name"]: InReplicaModel(self.local_server)}
         # name -> DeploymentHandle of its ModelServer (or the in-replica model)
         self.models: dict[str, Any] = models or {}
-        self.keys = ApiKeyStore(**api_keys) if api_keys else None
+        # limits: ServeAppConfig.limits_args() -- the tenants (their keys by reference),
+        # the default limits and the ingress replicas sharing them.
+        tenants = (limits or {}).get("tenants") or []
+        self.keys = ApiKeyStore(**(api_keys or {}), tenants=tenants) \
+            if api_keys or tenants else None
+        self.limiter = Limiter.from_args(limits) if self.keys is not None else None
+        self.limit_metrics = LimitMetrics() if self.limiter is not None else None
         self.metrics = IngressMetrics()
         self._stream = {(name, method): h.options(stream=True, method_name=method)
                         for name, h in models.items()
@@ -111,16 +122,37 @@ class OpenAIIngress:
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _auth(self, request: Request) -> JSONResponse | None:
+    def _auth(self, request: Request) -> tuple[Principal | None, JSONResponse | None]:
         if self.keys is None:
-            return None
-        denied = authenticate(self.keys, request.headers.get("authorization", ""))
-        return None if denied is None else JSONResponse(denied, status_code=401)
+            return None, None
+        principal, denied = authorize(self.keys, request.headers.get("authorization", ""))
+        return principal, None if denied is None else JSONResponse(denied, status_code=401)
+
+    def _admit(self, principal: Principal | None, reserve: int | None
+               ) -> tuple[Ticket | None, JSONResponse | None]:
+        """The principal's limits: a ticket to settle when the response ends, or the 429."""
+        if self.limiter is None or principal is None:
+            return None, None
+        got = self.limiter.acquire(principal.name, principal.tenant, reserve)
+        if isinstance(got, Refusal):
+            if self.limit_metrics is not None:
+                self.limit_metrics.refusal(principal.tenant, got.kind)
+            return None, JSONResponse(got.body(), status_code=429, headers=got.headers())
+        return got, None
+
+    def _settle(self, principal: Principal | None, ticket: Ticket | None,
+                used: int | None) -> None:
+        if self.limiter is None or ticket is None or ticket.settled:
+            return
+        self.limiter.settle(ticket, used)
+        if self.limit_metrics is not None and principal is not None:
+            self.limit_metrics.used(principal.tenant, used if used is not None
+                                    else ticket.reserved)
 
     async def _parse(self, request: Request, model_cls):
         try:
             body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, too deep, a 5000-digit number
             return None, _error(400, "The request body is not valid JSON.")
         if not isinstance(body, dict):
             return None, _error(400, "The request body must be a JSON object.")
@@ -143,7 +175,7 @@ class OpenAIIngress:
         return req, None
 
     async def _serve(self, request: Request, model_cls, endpoint: str, method: str):
-        denied = self._auth(request)
+        principal, denied = self._auth(request)
         if denied is not None:
             self.metrics.record("", endpoint, 401, "invalid_api_key")
             return denied
@@ -151,9 +183,18 @@ class OpenAIIngress:
         if error is not None:
             self.metrics.record(getattr(req, "model", "") or "", endpoint, error.status_code)
             return error
+        ticket, refused = self._admit(principal, reservation(req))
+        if refused is not None:
+            self.metrics.record(req.model, endpoint, 429, "rate_limit_exceeded")
+            return refused
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        response = await (self._stream_response(req, method, rid) if req.stream
-                          else self._unary_response(req, method, rid))
+        try:
+            response = await (self._stream_response(req, method, rid, principal, ticket)
+                              if req.stream else
+                              self._unary_response(req, method, rid, principal, ticket))
+        finally:
+            if not req.stream:
+                self._settle(principal, ticket, 0)  # no-op once settled with the usage
         self.metrics.record(req.model, endpoint, response.status_code)
         response.headers["x-request-id"] = rid
         return response
@@ -182,13 +223,24 @@ class OpenAIIngress:
                             "service_unavailable", code="replica_unavailable",
                             retry_after=RETRY_AFTER_S)
 
-    async def _unary_response(self, req, method: str, rid: str) -> Response:
+    async def _unary_response(self, req, method: str, rid: str, principal: Principal | None,
+                              ticket: Ticket | None) -> Response:
         handle = self._unary[(req.model, method)]
         result, error = await self._call_with_retry(lambda: handle.remote(req, rid))
-        return error if error is not None else JSONResponse(result)
+        if error is not None:
+            return error
+        self._settle(principal, ticket, usage_tokens(result.get("usage")))
+        return JSONResponse(result)
 
-    async def _stream_response(self, req, method: str, rid: str) -> Response:
+    async def _stream_response(self, req, method: str, rid: str, principal: Principal | None,
+                               ticket: Ticket | None) -> Response:
         handle = self._stream[(req.model, method + "_stream")]
+        tap = None
+        if ticket is not None:
+            # A limited principal's tokens are counted from the stream's own usage chunk; a
+            # client that did not ask for it does not see it.
+            tap = UsageTap(hide=not req.include_usage)
+            req.stream_options = StreamOptions(include_usage=True)
         holder: dict[str, Any] = {}
 
         async def start():
@@ -202,15 +254,16 @@ class OpenAIIngress:
 
         first, error = await self._call_with_retry(start)
         if error is not None:
+            self._settle(principal, ticket, 0)
             return error
         gen = holder["gen"]
 
         async def body():
             finished = False
             try:
-                yield first
+                yield first if tap is None else tap.see(first)
                 async for line in gen:
-                    yield line
+                    yield line if tap is None else tap.see(line)
                 finished = True
             except asyncio.CancelledError:
                 raise
@@ -230,6 +283,8 @@ class OpenAIIngress:
             finally:
                 if not finished:
                     gen.cancel()  # the client went away: free the engine's slot now
+                # Counted as the stream reported it; a stream cut short keeps its reservation.
+                self._settle(principal, ticket, None if tap is None else tap.used)
 
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
@@ -252,7 +307,9 @@ class OpenAIIngress:
 
     @api.get("/v1/models")
     async def list_models(self, request: Request) -> Response:
-        denied = self._auth(request)
+        principal, denied = self._auth(request)
+        if denied is None:
+            denied = self._admit(principal, None)[1]
         if denied is not None:
             return denied
         cards = await asyncio.gather(*[self._unary[(name, "card")].remote()
@@ -261,7 +318,9 @@ class OpenAIIngress:
 
     @api.get("/v1/models/{model:path}")
     async def get_model(self, model: str, request: Request) -> Response:
-        denied = self._auth(request)
+        principal, denied = self._auth(request)
+        if denied is None:
+            denied = self._admit(principal, None)[1]
         if denied is not None:
             return denied
         if model not in self.models:

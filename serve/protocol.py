@@ -114,7 +114,8 @@ class SamplingFields(OpenAIModel):
     stop: str | list[str] | None = Field(default=None, description="Up to 4 stop strings.")
     stream: bool = Field(default=False, description="Stream server-sent events.")
     stream_options: StreamOptions | None = Field(default=None, description="Streaming options.")
-    seed: int | None = Field(default=None, description="Seed for reproducible sampling.")
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1,
+                             description="Seed for reproducible sampling (a 64-bit integer).")
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0,
                                            description="Not supported: only 0 is accepted.")
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0,
@@ -248,11 +249,19 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+def _utf8(text: str | None) -> str | None:
+    """``text`` as UTF-8 can carry it: a lone surrogate a client sent (JSON's ``\\ud800``),
+    echoed in a message, becomes '?' instead of failing the response's encoding (a 500)."""
+    if text is None:
+        return None
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     """OpenAI's error body ``{"error": {message, type, param, code}}``: the one place it is
     built, for HTTP error responses and for error events inside a started stream alike."""
-    return ErrorResponse(error=ErrorDetail(message=message, type=type, param=param,
+    return ErrorResponse(error=ErrorDetail(message=_utf8(message), type=type, param=_utf8(param),
                                            code=code)).model_dump()
 
 
@@ -279,11 +288,139 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = Field(description="The reply's text (null when it only calls tools).")
+    tool_calls: list[ToolCall] | None = Field(default=None, description="Tools it called.")
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(BaseModel):
+    """The answer of a non-streamed ``POST /v1/chat/completions``."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class Completion(BaseModel):
+    """The answer of a non-streamed ``POST /v1/completions``."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class Health(BaseModel):
+    """``GET /healthz``: 200 when every model's engine answers, else 503 (degraded)."""
+
+    status: Literal["ok", "degraded"]
+    models: dict[str, dict[str, Any]] = Field(description="Each model's engine counters, or "
+                                                          "{error} when it did not answer.")
+
+
+# -- the OpenAPI document ---------------------------------------------------------------------
+
+_ERRORS = {400: "The request is invalid (the parameter is named).",
+           401: "Missing or incorrect API key.", 404: "No such model or route.",
+           429: "The API key is over its rate limit (see Retry-After).",
+           500: "Internal error.", 503: "The model is overloaded or restarting (Retry-After)."}
+#: (method, path) -> (request model, 200 model, streamed, error statuses, needs a key)
+OPENAPI_ROUTES: dict[tuple[str, str], tuple[Any, Any, bool, tuple[int, ...], bool]] = {
+    ("get", "/healthz"): (None, Health, False, (), False),
+    ("get", "/v1/models"): (None, ModelList, False, (401, 429, 500), True),
+    ("get", "/v1/models/{model}"): (None, ModelCard, False, (401, 404, 429, 500), True),
+    ("post", "/v1/chat/completions"): (ChatCompletionRequest, ChatCompletion, True,
+                                       (400, 401, 404, 429, 500, 503), True),
+    ("post", "/v1/completions"): (CompletionRequest, Completion, True,
+                                  (400, 401, 404, 429, 500, 503), True),
+}
+
+
+def _ref(model: Any) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def document_openapi(doc: dict[str, Any]) -> dict[str, Any]:
+    """FastAPI's OpenAPI document of the OpenAI routes completed with what it cannot see (the
+    ingress reads bodies itself, so that a missing key is a 401 before any body check): the
+    request bodies, the answers (JSON, or server-sent events when ``stream`` is true), every
+    error in OpenAI's shape, and the bearer key. Clients and schemathesis generate from it."""
+    from pydantic.json_schema import models_json_schema
+
+    models = [(m, "validation") for m in (ChatCompletionRequest, CompletionRequest)]
+    models += [(m, "serialization") for m in (ChatCompletion, Completion, ModelList, ModelCard,
+                                              Health, ErrorResponse)]
+    _, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
+    components = doc.setdefault("components", {})
+    components.setdefault("schemas", {}).update(defs.get("$defs", {}))
+    components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    for (method, path), (body, answer, streamed, errors, keyed) in OPENAPI_ROUTES.items():
+        op = doc.get("paths", {}).get(path, {}).get(method)
+        if op is None:
+            continue
+        content: dict[str, Any] = {"application/json": {"schema": _ref(answer)}}
+        if streamed:
+            content["text/event-stream"] = {"schema": {
+                "type": "object", "required": ["data"],
+                "properties": {"data": {"type": "string"}},
+                "description": "stream: true -- `data: <chunk JSON>` events, an error event in "
+                               "the error shape if the stream fails, then `data: [DONE]`."}}
+        responses: dict[str, Any] = {"200": {"description": "OK", "content": content}}
+        if answer is Health:
+            responses["503"] = {"description": "A model's engine did not answer.",
+                                "content": {"application/json": {"schema": _ref(Health)}}}
+        for status in errors:
+            responses[str(status)] = {"description": _ERRORS[status], "content": {
+                "application/json": {"schema": _ref(ErrorResponse)}}}
+        op["responses"] = responses
+        if body is not None:
+            op["requestBody"] = {"required": True, "content": {
+                "application/json": {"schema": _ref(body)}}}
+        op["security"] = [{"bearer": []}] if keyed else []
+    return doc
+
+
+def install_openapi(app: Any) -> None:
+    """Serve :func:`document_openapi`'s document as ``app``'s ``/openapi.json``."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_openapi(generate())
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def completion_id(kind: str) -> str:
     return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
 
 
-__all__ = ["SSE_DONE", "ChatCompletionRequest", "ChatMessage", "CompletionRequest",
-           "ContentPart", "ErrorDetail", "ErrorResponse", "FunctionCall",
-           "ModelCard", "ModelList", "NamedToolChoice", "SamplingFields", "StreamOptions", "Tool",
-           "ToolCall", "Usage", "completion_id", "error_body", "sse", "unknown_fields"]
+__all__ = ["OPENAPI_ROUTES", "SSE_DONE", "ChatCompletion", "ChatCompletionRequest", "ChatMessage",
+           "Completion", "CompletionRequest", "ContentPart", "ErrorDetail", "ErrorResponse",
+           "FunctionCall", "Health", "ModelCard", "ModelList", "NamedToolChoice",
+           "SamplingFields", "StreamOptions", "Tool", "ToolCall", "Usage", "completion_id",
+           "document_openapi", "error_body", "install_openapi", "sse", "unknown_fields"]

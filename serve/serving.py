@@ -92,6 +92,15 @@ class OpenAIServing:
                                stop=req.stop_list, ignore_eos=req.ignore_eos)
                 for i in range(n)]
 
+    def _ensure_capacity(self, sequences: int, param: str) -> None:
+        """A request larger than the engine's whole queue is the client's to fix (400); one
+        that only finds the queue full now may retry (503, ``ensure_capacity``)."""
+        most = getattr(self.engine, "max_waiting", None)
+        if most is not None and sequences > most:
+            raise EngineError(f"this request asks for {sequences} sequences (choices x "
+                              f"prompts); the model queues at most {most} at once", param=param)
+        self.engine.ensure_capacity(sequences)
+
     def prepare_chat(self, req: ChatCompletionRequest) -> _Prepared:
         tok = self.engine.tokenizer
         if not self.engine.has_chat_template:
@@ -101,7 +110,7 @@ class OpenAIServing:
         for i, m in enumerate(req.messages):
             try:
                 msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
-                                       "content": m.text()}
+                                       "content": _unicode(m.text())}
             except ValueError as err:
                 raise EngineError(str(err), param=f"messages[{i}].content") from None
             if m.tool_calls:
@@ -137,7 +146,7 @@ class OpenAIServing:
             p.max_tokens = req.token_limit
         limit_param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         budget = self.engine.check(list(ids), params[0], limit_param)
-        self.engine.ensure_capacity(len(params))
+        self._ensure_capacity(len(params), "n")
         declared = {t.function.name for t in req.tools or []}
         if isinstance(req.tool_choice, NamedToolChoice):
             declared = {req.tool_choice.function.name}
@@ -150,7 +159,10 @@ class OpenAIServing:
         vocab = len(tok)
         for i, p in enumerate(req.prompts):
             if isinstance(p, str):
-                ids = tok.encode(p)
+                try:
+                    ids = tok.encode(_unicode(p))
+                except ValueError as err:
+                    raise EngineError(str(err), param=f"prompt[{i}]") from None
                 echo.append(p)
             else:
                 if any(not isinstance(t, int) or not 0 <= t < vocab for t in p):
@@ -163,7 +175,7 @@ class OpenAIServing:
         for p in params:
             p.max_tokens = req.max_tokens
         budgets = [self.engine.check(ids, params[0], "max_tokens") for ids in prompts]
-        self.engine.ensure_capacity(len(params) * len(prompts))
+        self._ensure_capacity(len(params) * len(prompts), "n")
         return _Prepared(prompts=prompts, params=params, budgets=budgets, echo=echo)
 
     # -- running ---------------------------------------------------------------------------
@@ -370,6 +382,17 @@ class OpenAIServing:
             yield sse({"id": cid, "object": "text_completion", "created": created,
                        "model": self.model_name, "choices": [], "usage": usage.model_dump()})
         yield SSE_DONE
+
+
+def _unicode(text: str) -> str:
+    """``text``, refused (ValueError) when no tokenizer can take it: a lone surrogate, which
+    JSON's ``\\ud800`` can carry but UTF-8 cannot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (a lone surrogate such as \\ud800 "
+                         "cannot be tokenized)") from None
+    return text
 
 
 __all__ = ["OpenAIServing", "Observer"]

@@ -23,6 +23,7 @@ from raycluster.kuberay.pods import (
     api_key_wiring,
     head_group_spec,
     submitter_template,
+    tenant_key_wiring,
     worker_group_spec,
 )
 from raycluster.kuberay.sizing import GroupShape, resolve_group, serve_groups, training_group
@@ -203,6 +204,7 @@ def render_rayservice(catalog: Catalog, env: Environment, svc: RayServiceSpec,
     for template in [cluster["headGroupSpec"]["template"],
                      *(g["template"] for g in cluster["workerGroupSpecs"])]:
         api_key_wiring(serve_cfg.api_keys, template)
+        tenant_key_wiring(serve_cfg.tenants, template, cfield)
     return rayservice_object(svc, name, cluster, serve_config)
 
 

@@ -4,7 +4,7 @@ callback that downloads an MLflow model on the node before vLLM starts.
 
 The app is Ray's own: ``LLMServer`` deployments (one per model, from the ``LLMConfig`` that
 :mod:`serve.engines.vllm_config` derives from the pool) behind Ray's ``OpenAiIngress``, with
-rayplane's API-key check (serve/auth.py) in front of it. How ``LLMServer`` covers the duties of
+rayplane's API-key check and tenant limits (serve/middleware.py) in front of it. How ``LLMServer`` covers the duties of
 the engine interface is in serve/engines/base.py. Needs vLLM (a GPU node); the end-to-end test
 is tests/e2e/test_serve_vllm.py.
 """
@@ -12,8 +12,6 @@ is tests/e2e/test_serve_vllm.py.
 from __future__ import annotations
 
 import os
-
-from serve.auth import ApiKeyStore, authenticate
 
 
 def _callback_base():
@@ -57,9 +55,8 @@ class MlflowModelDownload(_callback_base()):
 
 def build_app(args: dict):
     """``import_path`` target on a GPU cluster: Ray's OpenAI app over ``LLMServer``
-    deployments, with an API-key check in front of its ingress."""
-    from fastapi import Request
-    from fastapi.responses import JSONResponse
+    deployments, with the API-key check and the tenants' limits in front of its ingress
+    (serve/middleware.py)."""
     from ray import serve
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
     from ray.llm._internal.serve.core.ingress.ingress import (
@@ -71,17 +68,12 @@ def build_app(args: dict):
 
     llm_configs = [LLMConfig.model_validate(c) for c in args["llm_configs"]]
     fastapi_app = init()
-    keys_cfg = args.get("api_keys")
-    store: dict[str, ApiKeyStore] = {}
+    if args.get("api_keys") or args.get("limits"):
+        from serve.middleware import TenantMiddleware
 
-    @fastapi_app.middleware("http")
-    async def api_key(request: Request, call_next):
-        if keys_cfg and request.url.path.startswith("/v1"):
-            keys = store.setdefault("keys", ApiKeyStore(**keys_cfg))
-            denied = authenticate(keys, request.headers.get("authorization", ""))
-            if denied is not None:
-                return JSONResponse(denied, status_code=401)
-        return await call_next(request)
+        # Built in the replica on its first request, where the key files are.
+        fastapi_app.add_middleware(TenantMiddleware, api_keys=args.get("api_keys"),
+                                   limits=args.get("limits"))
 
     deployments = {c.model_id: build_llm_deployment(c) for c in llm_configs}
     cards = {c.model_id: to_model_metadata(c.model_id, c) for c in llm_configs}
