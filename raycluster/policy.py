@@ -44,6 +44,10 @@ MLFLOW_PORT = 5000
 LINKERD_ADMIN_PORT = 4191
 NFS_PORT = 2049
 POSTGRES_PORT = 5432
+#: kube-prometheus-stack in namespace monitoring: its Prometheus and Grafana pods (container ports;
+#: Grafana's Service answers on 80).
+PROMETHEUS_PORT = 9090
+GRAFANA_PORT = 3000
 
 #: Namespaces whose workloads are Ray clusters (the rest run operators or tools).
 RAY_NAMESPACES = ("training", "inference", "agentic")
@@ -177,17 +181,28 @@ def render_limit_ranges(catalog: Catalog) -> list[dict]:
     for ns in catalog.namespaces:
         if ns.quota is None:
             continue
-        max_cpu = min(biggest_cpu, ns.quota.cpus)
-        max_mem = min(biggest_mem, int(ns.quota.memory_gib))
+        max_cpu_m = 1000 * min(biggest_cpu, ns.quota.cpus)
+        max_mem_mi = int(min(biggest_mem, ns.quota.memory_gib) * 1024)
+        # The API server refuses defaults above the max: a quota under 1 CPU / 2Gi lowers them.
         out.append({"apiVersion": "v1", "kind": "LimitRange",
                     "metadata": meta("rayplane-limits", ns.name),
                     "spec": {"limits": [{
                         "type": "Container",
-                        "default": {"cpu": "1", "memory": "2Gi"},
-                        "defaultRequest": {"cpu": "500m", "memory": "1Gi"},
-                        "max": {"cpu": str(max_cpu), "memory": f"{max_mem}Gi"},
+                        "default": {"cpu": _cpu(min(1000, max_cpu_m)),
+                                    "memory": _memory(min(2048, max_mem_mi))},
+                        "defaultRequest": {"cpu": _cpu(min(500, max_cpu_m)),
+                                           "memory": _memory(min(1024, max_mem_mi))},
+                        "max": {"cpu": _cpu(max_cpu_m), "memory": _memory(max_mem_mi)},
                     }]}})
     return out
+
+
+def _cpu(millis: int) -> str:
+    return str(millis // 1000) if millis % 1000 == 0 else f"{millis}m"
+
+
+def _memory(mebibytes: int) -> str:
+    return f"{mebibytes // 1024}Gi" if mebibytes % 1024 == 0 else f"{mebibytes}Mi"
 
 
 def check_fits_quota(catalog: Catalog, namespace: str, *, cpus: float, memory_gib: float,
@@ -338,6 +353,12 @@ def render_network_policies(catalog: Catalog, env: Environment) -> list[dict]:
             "to": [{**_ns_selector("mlops"),
                     "podSelector": {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}}],
             "ports": _ports(MLFLOW_PORT)}]))
+        # The Ray dashboard embeds Grafana and queries Prometheus (RAY_GRAFANA_HOST,
+        # RAY_PROMETHEUS_HOST on the heads): kube-prometheus-stack's pods, by container port.
+        out.append(_netpol("allow-monitoring-egress", ns, ray_pods, egress=[{
+            "to": [{**_ns_selector("monitoring"), "podSelector": {"matchLabels": {
+                "app.kubernetes.io/instance": "kube-prometheus-stack"}}}],
+            "ports": _ports(PROMETHEUS_PORT, GRAFANA_PORT)}]))
 
     if "inference" in names:
         serve_from = [{"ipBlock": {"cidr": c}} for c in env.serve_ingress_cidrs]
@@ -364,8 +385,12 @@ def render_network_policies(catalog: Catalog, env: Environment) -> list[dict]:
                            egress=[{"to": vpc, "ports": _ports(POSTGRES_PORT)}]))
 
     if "monitoring" in names:
+        ray_clients = [_ns_selector(n) for n in names if n in RAY_NAMESPACES]
         out.append(_netpol("allow-monitoring", "monitoring", everything,
-                           ingress=[{"from": [{"podSelector": {}}]}],
+                           ingress=[{"from": [{"podSelector": {}}]}]
+                           + ([{"from": ray_clients, "ports": _ports(PROMETHEUS_PORT,
+                                                                      GRAFANA_PORT)}]
+                              if ray_clients else []),
                            egress=[{"to": [{"podSelector": {}}]},
                                    # scrape targets in every namespace (Ray, DCGM, Linkerd)
                                    {"to": [{"namespaceSelector": {}}], "ports": _ports(

@@ -42,8 +42,10 @@ class ModelServer:
         threads = min(int(model.get("threads") or 1), os.cpu_count() or 1)
         self.engine = CPUEngine(self.path, max_num_seqs=int(model.get("max_num_seqs") or 16),
                                 max_model_len=model.get("max_model_len"), num_threads=threads)
+        # Per model version (model monitoring): the source names the registry version.
+        self.metrics = ModelMetrics(self.name, self.source)
         self.serving = OpenAIServing(self.engine, self.name, root=self.source,
-                                     observer=ModelMetrics(self.name),
+                                     observer=self.metrics,
                                      stream_interval_s=self.stream_interval_s)
         logger.info("model %s from %s ready (%s, max_model_len %d)", self.name, self.source,
                     self.path, self.engine.max_model_len)
@@ -55,17 +57,17 @@ class ModelServer:
         return {**asdict(self.engine.stats()), "source": self.source}
 
     async def chat(self, req: ChatCompletionRequest, request_id: str) -> dict:
-        return await self.serving.chat(req, request_id)
+        return await self.metrics.call(self.serving.chat(req, request_id))
 
     async def chat_stream(self, req: ChatCompletionRequest, request_id: str):
-        async for line in self.serving.chat_stream(req, request_id):
+        async for line in self.metrics.stream(self.serving.chat_stream(req, request_id)):
             yield line
 
     async def completion(self, req: CompletionRequest, request_id: str) -> dict:
-        return await self.serving.completion(req, request_id)
+        return await self.metrics.call(self.serving.completion(req, request_id))
 
     async def completion_stream(self, req: CompletionRequest, request_id: str):
-        async for line in self.serving.completion_stream(req, request_id):
+        async for line in self.metrics.stream(self.serving.completion_stream(req, request_id)):
             yield line
 
     def check_health(self) -> None:

@@ -28,7 +28,8 @@ from raycluster.policy import (
     cpu_quantity,
     pod_security_context,
 )
-from serve.config import ApiKeys
+from raycluster.spec import SpecError
+from serve.config import ApiKeys, TenantSpec
 
 #: Secret (key ``auth_token``) with the cluster token; External Secrets fills it from AWS
 #: Secrets Manager (raycluster.render), so KubeRay does not mint one per cluster and users
@@ -46,6 +47,17 @@ SERVICE_ACCOUNT = "ray"
 #: PersistentVolumeClaim of the shared EFS volume (datasets, checkpoints) in each namespace.
 SHARED_CLAIM = "rayplane-shared"
 HOME = "/home/ray"
+#: What the head's Ray dashboard embeds its metrics from: Grafana and Prometheus of
+#: kube-prometheus-stack (release `kube-prometheus-stack` in `monitoring`, infra/helm/
+#: charts.yaml; its Services are <release>-grafana and <release>-prometheus). The iframe host
+#: is Grafana as the user's browser reaches it (`kubectl -n monitoring port-forward
+#: svc/kube-prometheus-stack-grafana 3000:80`; docs/monitoring.md). The dashboards it embeds
+#: are rendered from the same Ray (raycluster.monitoring).
+MONITORING_ENV = {
+    "RAY_GRAFANA_HOST": "http://kube-prometheus-stack-grafana.monitoring.svc:80",
+    "RAY_PROMETHEUS_HOST": "http://kube-prometheus-stack-prometheus.monitoring.svc:9090",
+    "RAY_GRAFANA_IFRAME_HOST": "http://127.0.0.1:3000",
+}
 
 
 def _quote_resources(resources: dict[str, float]) -> str:
@@ -173,6 +185,7 @@ def head_group_spec(catalog: Catalog, env: Environment, *, cluster: str, namespa
         ports.append(_port("serve", SERVE_PORT))
     container = _ray_container(env, name="ray-head", pool=pool, cpus=cpus, memory_gib=memory,
                                gpu_units=0, ports=ports, worker=False)
+    container["env"].extend({"name": k, "value": v} for k, v in MONITORING_ENV.items())
     return {
         "serviceType": "ClusterIP",
         "rayStartParams": {
@@ -269,6 +282,41 @@ def api_key_wiring(keys: ApiKeys | None, template: dict) -> None:
                     volume="api-keys")
 
 
+def tenant_secret_key(tenant: str) -> str:
+    """The key of the API keys Secret holding a serve config tenant's keys."""
+    return f"tenant-{tenant}"
+
+
+def tenant_key_wiring(tenants: list[TenantSpec], template: dict, field: str) -> None:
+    """Hand each tenant's API keys (``tenants[i].api_keys``) to the Serve pods from the key
+    ``tenant-<name>`` of the API keys Secret, as the env variable or the file it names. Key
+    files in one folder share that folder's volume of the Secret (a folder mounts once)."""
+    spec = template["spec"]
+    for i, tenant in enumerate(tenants):
+        key = tenant_secret_key(tenant.name)
+        if tenant.api_keys.env:
+            secret_env(template, tenant.api_keys.env, API_KEYS_SECRET, key,
+                       why="the serve config reads a tenant's API keys from an env variable "
+                           "(tenants[].api_keys.env)")
+        path = tenant.api_keys.file
+        if not path:
+            continue
+        folder, _, name = path.rpartition("/")
+        mount = next((m for m in spec["containers"][0]["volumeMounts"]
+                      if m["mountPath"] == (folder or "/")), None)
+        if mount is None:
+            secret_file(template, path, API_KEYS_SECRET, key, volume=f"tenant-{tenant.name}-keys")
+            continue
+        volume = next(v for v in spec["volumes"] if v["name"] == mount["name"]).get("secret", {})
+        if volume.get("secretName") != API_KEYS_SECRET or \
+                name in {item["path"] for item in volume.get("items", [])}:
+            where = f"{field}.tenants[{i}].api_keys.file"
+            raise SpecError(f"{where}: {path!r} lies in {folder or '/'}, where the pods mount "
+                            f"{mount['name']!r} already; give the tenant's key file a folder "
+                            "of its own", field=where)
+        volume["items"].append({"key": key, "path": name})
+
+
 def secret_env(template: dict, var: str, secret: str, key: str, *, why: str) -> None:
     """Set ``var`` in the pod's Ray container from ``key`` of ``secret``. checkov prefers
     secrets as files (CKV_K8S_35); where a config asks for an env variable, the pod says why
@@ -299,6 +347,7 @@ __all__ = [
     "AUTH_SECRET",
     "AUTH_SECRET_KEY",
     "HOME",
+    "MONITORING_ENV",
     "REDIS_SECRET",
     "SERVICE_ACCOUNT",
     "SHARED_CLAIM",
@@ -307,5 +356,7 @@ __all__ = [
     "secret_env",
     "secret_file",
     "submitter_template",
+    "tenant_key_wiring",
+    "tenant_secret_key",
     "worker_group_spec",
 ]

@@ -22,6 +22,7 @@ from pathlib import Path
 from raycluster.errors import PlatformError
 from raycluster.local.processes import free_port
 from raycluster.local.state import NodePlan
+from raycluster.monitoring import write_rule_files
 
 #: Ray Serve renders HAProxy's stats page and Prometheus exporter as ``bind *:PORT`` (all
 #: interfaces, no setting to change it). HAProxy is started through this wrapper, which moves
@@ -142,12 +143,16 @@ def redact(uri: str) -> str:
 # -- Prometheus ----------------------------------------------------------------------------
 
 
-def prometheus_config(temp_dir: Path) -> str:
-    """Scrape every Ray node through the service-discovery file Ray's head keeps current."""
+def prometheus_config(temp_dir: Path, rules_dir: Path | None = None) -> str:
+    """Scrape every Ray node through the service-discovery file Ray's head keeps current, and
+    evaluate the alerting and recording rules of infra/monitoring copied into ``rules_dir``
+    (the same rules kube-prometheus-stack gets as PrometheusRules; docs/monitoring.md)."""
     discovery = temp_dir / "prom_metrics_service_discovery.json"
+    rules = f"rule_files:\n  - '{rules_dir / '*.yaml'}'\n" if rules_dir is not None else ""
     return (
         "global:\n  scrape_interval: 5s\n  evaluation_interval: 5s\n"
-        "scrape_configs:\n"
+        + rules
+        + "scrape_configs:\n"
         "  - job_name: ray\n"
         "    file_sd_configs:\n"
         f"      - files: ['{discovery}']\n"
@@ -156,13 +161,16 @@ def prometheus_config(temp_dir: Path) -> str:
 
 
 def prometheus_command(prom_dir: Path, temp_dir: Path, port: int) -> list[str]:
-    """Prometheus's command line, its configuration written into ``prom_dir``."""
+    """Prometheus's command line, its configuration and the platform's rule files
+    (``rules/``) written into ``prom_dir``."""
     prometheus = shutil.which("prometheus")
     if prometheus is None:
         raise PlatformError("metrics need prometheus on PATH (apt-get install prometheus)")
     prom_dir.mkdir(exist_ok=True)
+    rules_dir = prom_dir / "rules"
+    write_rule_files(rules_dir)
     config = prom_dir / "prometheus.yml"
-    config.write_text(prometheus_config(temp_dir))
+    config.write_text(prometheus_config(temp_dir, rules_dir))
     return [prometheus, f"--config.file={config}",
             f"--storage.tsdb.path={prom_dir / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}",

@@ -30,7 +30,8 @@ from tests.support.infra import pod_templates
 
 REPO = Path(__file__).resolve().parents[3]
 COMMITTED = REPO / "infra" / "k8s"
-CRD_KINDS = {"RayCluster", "RayJob", "RayService", "RayCronJob", "ClusterPolicy"}
+CRD_KINDS = {"RayCluster", "RayJob", "RayService", "RayCronJob", "ClusterPolicy",
+             "PrometheusRule"}
 #: Objects of operators whose CRDs are not in shared/schemas; checked for shape below.
 OTHER_CRD_KINDS = {"ExternalSecret", "ClusterSecretStore", "Application"}
 
@@ -122,7 +123,8 @@ def _strict(schema):
 @pytest.fixture(scope="module")
 def crd_validators(schemas_dir):
     files = [*sorted((schemas_dir / "kuberay-v1.7.0").glob("*.yaml")),
-             schemas_dir / "gpu-operator-v26.7.0" / "nvidia.com_clusterpolicies.yaml"]
+             schemas_dir / "gpu-operator-v26.7.0" / "nvidia.com_clusterpolicies.yaml",
+             schemas_dir / "prometheus-operator-v0.93.0" / "monitoring.coreos.com_prometheusrules.yaml"]
     out = {}
     for path in files:
         # The C loader: these CRDs are megabytes of YAML.
@@ -142,7 +144,7 @@ def test_kuberay_and_gpu_operator_objects_validate_against_their_crds(objects, c
         errors = sorted(crd_validators[obj["kind"]].iter_errors(obj), key=lambda e: e.path)
         assert not errors, f"{obj['kind']}/{obj['metadata']['name']}: " + "; ".join(
             f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors[:5])
-    assert {"RayCluster", "RayService", "ClusterPolicy"} <= seen
+    assert {"RayCluster", "RayService", "ClusterPolicy", "PrometheusRule"} <= seen
 
 
 def test_the_crd_check_catches_a_misspelled_field(objects, crd_validators):
