@@ -26,6 +26,12 @@ GRAPH_IDS: tuple[str, ...] = ("tools", "ops", "crewai", "autogen")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+def _route_prefix(value: str) -> str:
+    if not value.startswith("/") or value == "/":
+        raise ValueError("must start with '/' and name a path, e.g. /agents")
+    return value.rstrip("/")
+
+
 def _env_name(field: str, value: str | None) -> str | None:
     if value is not None and not _ENV_NAME.match(value):
         raise ValueError(f"{field}: {value!r} is not an environment variable name")
@@ -89,6 +95,11 @@ class McpSpec(Spec):
         "The tools graph loads the platform tools over MCP (langchain-mcp-adapters) instead "
         "of calling them in process."))
 
+    @field_validator("route_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        return _route_prefix(v)
+
 
 class AgentsAppConfig(Spec):
     """An agents Serve application: LangGraph graphs behind the LangGraph server API."""
@@ -132,12 +143,17 @@ class AgentsAppConfig(Spec):
     allow_unauthenticated: bool = Field(default=False, description=(
         "Serve without API keys (must be said explicitly; never in production)."))
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty: it names the Serve application")
+        return v
+
     @field_validator("route_prefix")
     @classmethod
     def _prefix(cls, v: str) -> str:
-        if not v.startswith("/") or v == "/":
-            raise ValueError("must start with '/' and name a path, e.g. /agents")
-        return v.rstrip("/")
+        return _route_prefix(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> AgentsAppConfig:

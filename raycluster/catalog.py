@@ -26,6 +26,8 @@ from raycluster.spec import Spec, SpecError, did_you_mean
 
 DEFAULT_CATALOG = Path(__file__).parent / "data" / "pools.yaml"
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+                            r"(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _QUANTITY = re.compile(r"^(\d+(\.\d+)?)(Ki|Mi|Gi|Ti)?$")
 
 #: Prefix of the Ray custom resource every worker of a pool advertises: ``pool:a100-mig``.
@@ -303,10 +305,18 @@ class Pool(Spec):
 
 
 class PriorityClass(Spec):
-    name: str = Field(description="PriorityClass name.")
+    name: str = Field(description="PriorityClass name (a DNS subdomain).")
     value: int = Field(ge=0, le=1_000_000_000, description="Priority (higher preempts lower).")
     description: str = Field(default="", description="What it is for.")
     preempting: bool = Field(default=True, description="Whether pods of this class preempt.")
+
+    @field_validator("name")
+    @classmethod
+    def _dns_subdomain(cls, v: str) -> str:
+        if not _DNS_SUBDOMAIN.match(v):
+            raise ValueError("must be a DNS subdomain: lowercase letters, digits, '-' and '.', "
+                             "at most 253 characters")
+        return v
 
 
 class Quota(Spec):
@@ -330,11 +340,19 @@ class Quota(Spec):
 
 
 class Namespace(Spec):
-    name: str = Field(description="Kubernetes namespace.")
+    name: str = Field(description="Kubernetes namespace (a DNS label).")
     purpose: str = Field(default="", description="What runs there.")
     quota: Quota | None = Field(default=None, description="ResourceQuota of the namespace.")
     default_priority_class: str | None = Field(default=None,
                                                description="Priority class of its workloads.")
+
+    @field_validator("name")
+    @classmethod
+    def _dns_label(cls, v: str) -> str:
+        if not _DNS_LABEL.match(v):
+            raise ValueError("must be a DNS label: lowercase letters, digits and '-', "
+                             "at most 63 characters")
+        return v
 
 
 class Catalog(Spec):

@@ -19,9 +19,9 @@ as ``x-api-key`` (what the SDK sends) or ``Authorization: Bearer``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from agents.server.encoding import sse_event
 from agents.server.errors import ApiError, from_exception, validation_error
 from agents.server.models import (
+    MAX_OFFSET,
     AssistantSearch,
     History,
     RunCreate,
@@ -39,6 +40,18 @@ from agents.server.models import (
     ThreadPatch,
     ThreadSearch,
 )
+from agents.server.openapi import (
+    ERROR_RESPONSES,
+    Assistant,
+    CheckpointRef,
+    GraphSchemas,
+    Run,
+    Thread,
+    ThreadState,
+    answers,
+    document_openapi,
+    stream_ok,
+)
 from agents.server.service import Service
 from agents.spec import AgentsAppConfig
 from raycluster.catalog import POOL_RESOURCE_PREFIX
@@ -46,6 +59,9 @@ from serve.auth import ApiKeyStore
 
 DEPLOYMENT = "AgentsApi"
 IMPORT_PATH = "agents.server.app:build_agents_app"
+#: A thread, run or checkpoint id in a path: any text PostgreSQL can store (no NUL).
+Ident = Annotated[str, Path(pattern="^[^\x00]+$")]
+RunStatus = Literal["pending", "running", "success", "error", "timeout", "interrupted"]
 
 
 def _error(err: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -95,7 +111,8 @@ def recovering_route(service: Service) -> type[APIRoute]:
 
 def create_app(service: Service, keys: ApiKeyStore | None) -> FastAPI:
     """The FastAPI app of one replica."""
-    app = FastAPI(title="rayplane agents", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="rayplane agents", docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json")
 
     @app.exception_handler(ApiError)
     async def _api(_request: Request, err: ApiError) -> JSONResponse:
@@ -124,10 +141,10 @@ def create_app(service: Service, keys: ApiKeyStore | None) -> FastAPI:
                                                  "langsmith": False}}
 
     api = APIRouter(dependencies=[Depends(key_check(keys))],
-                    route_class=recovering_route(service))
+                    route_class=recovering_route(service), responses=ERROR_RESPONSES)
     reg = service.registry
 
-    @api.post("/assistants/search")
+    @api.post("/assistants/search", response_model=None, responses=answers(list[Assistant]))
     async def search_assistants(body: AssistantSearch, response: Response) -> list[dict]:
         found = reg.search(graph_id=body.graph_id, name=body.name, metadata=body.metadata)
         page = found[body.offset:body.offset + body.limit]
@@ -135,21 +152,23 @@ def create_app(service: Service, keys: ApiKeyStore | None) -> FastAPI:
             response.headers["X-Pagination-Next"] = str(body.offset + body.limit)
         return [a.record() for a in page]
 
-    @api.post("/assistants/count")
+    @api.post("/assistants/count", response_model=None, responses=answers(int))
     async def count_assistants(body: AssistantSearch) -> int:
         return len(reg.search(graph_id=body.graph_id, name=body.name, metadata=body.metadata))
 
-    @api.get("/assistants/{assistant_id}")
+    @api.get("/assistants/{assistant_id}", response_model=None, responses=answers(Assistant))
     async def get_assistant(assistant_id: str) -> dict:
         return reg.find(assistant_id).record()
 
-    @api.get("/assistants/{assistant_id}/graph")
+    @api.get("/assistants/{assistant_id}/graph", response_model=None,
+             responses=answers(dict[str, Any]))
     async def assistant_graph(assistant_id: str, xray: bool = False) -> dict:
         graph_id = reg.find(assistant_id).graph_id
         await service.ready()
         return reg.graph(graph_id).get_graph(xray=xray).to_json()
 
-    @api.get("/assistants/{assistant_id}/schemas")
+    @api.get("/assistants/{assistant_id}/schemas", response_model=None,
+             responses=answers(GraphSchemas))
     async def assistant_schemas(assistant_id: str) -> dict:
         graph_id = reg.find(assistant_id).graph_id
         await service.ready()
@@ -159,7 +178,7 @@ def create_app(service: Service, keys: ApiKeyStore | None) -> FastAPI:
                 "state_schema": graph.get_output_jsonschema(),
                 "config_schema": None, "context_schema": None}
 
-    @api.post("/threads")
+    @api.post("/threads", response_model=None, responses=answers(Thread))
     async def create_thread(body: ThreadCreate) -> dict:
         import uuid
 
@@ -167,48 +186,50 @@ def create_app(service: Service, keys: ApiKeyStore | None) -> FastAPI:
         return await runner.store.create_thread(body.thread_id or str(uuid.uuid4()),
                                                 body.metadata, if_exists=body.if_exists)
 
-    @api.post("/threads/search")
+    @api.post("/threads/search", response_model=None, responses=answers(list[Thread]))
     async def search_threads(body: ThreadSearch) -> list[dict]:
         runner = await service.ready()
         return await runner.store.search_threads(metadata=body.metadata, status=body.status,
                                                  ids=body.ids, limit=body.limit,
                                                  offset=body.offset)
 
-    @api.post("/threads/count")
+    @api.post("/threads/count", response_model=None, responses=answers(int))
     async def count_threads(body: ThreadSearch) -> int:
         runner = await service.ready()
         return len(await runner.store.search_threads(metadata=body.metadata,
                                                      status=body.status, ids=body.ids,
                                                      limit=100000, offset=0))
 
-    @api.get("/threads/{thread_id}")
-    async def get_thread(thread_id: str) -> dict:
+    @api.get("/threads/{thread_id}", response_model=None, responses=answers(Thread))
+    async def get_thread(thread_id: Ident) -> dict:
         return await service.thread(thread_id)
 
-    @api.patch("/threads/{thread_id}")
-    async def patch_thread(thread_id: str, body: ThreadPatch) -> dict:
+    @api.patch("/threads/{thread_id}", response_model=None, responses=answers(Thread))
+    async def patch_thread(thread_id: Ident, body: ThreadPatch) -> dict:
         runner = await service.ready()
         return await runner.store.update_thread(thread_id, metadata=body.metadata)
 
     @api.delete("/threads/{thread_id}", status_code=204)
-    async def delete_thread(thread_id: str) -> Response:
+    async def delete_thread(thread_id: Ident) -> Response:
         await service.delete_thread(thread_id)
         return Response(status_code=204)
 
-    @api.get("/threads/{thread_id}/state")
-    async def get_state(thread_id: str) -> dict:
+    @api.get("/threads/{thread_id}/state", response_model=None, responses=answers(ThreadState))
+    async def get_state(thread_id: Ident) -> dict:
         return await service.state(thread_id)
 
-    @api.get("/threads/{thread_id}/state/{checkpoint_id}")
-    async def get_state_at(thread_id: str, checkpoint_id: str) -> dict:
+    @api.get("/threads/{thread_id}/state/{checkpoint_id}", response_model=None,
+             responses=answers(ThreadState))
+    async def get_state_at(thread_id: Ident, checkpoint_id: Ident) -> dict:
         return await service.state(thread_id, checkpoint_id)
 
-    @api.post("/threads/{thread_id}/state")
-    async def update_state(thread_id: str, body: StateUpdate) -> dict:
+    @api.post("/threads/{thread_id}/state", response_model=None, responses=answers(CheckpointRef))
+    async def update_state(thread_id: Ident, body: StateUpdate) -> dict:
         return await service.update_state(thread_id, body)
 
-    @api.post("/threads/{thread_id}/history")
-    async def history(thread_id: str, body: History) -> list[dict]:
+    @api.post("/threads/{thread_id}/history", response_model=None,
+              responses=answers(list[ThreadState]))
+    async def history(thread_id: Ident, body: History) -> list[dict]:
         return await service.history(thread_id, body)
 
     async def _wait(thread_id: str | None, body: RunCreate) -> dict:
@@ -234,48 +255,52 @@ def create_app(service: Service, keys: ApiKeyStore | None) -> FastAPI:
             "Content-Location": f"/threads/{ex.run['thread_id']}/runs/{ex.run['run_id']}",
             "Cache-Control": "no-store"})
 
-    @api.post("/threads/{thread_id}/runs/wait")
-    async def wait_run(thread_id: str, body: RunCreate) -> dict:
+    @api.post("/threads/{thread_id}/runs/wait", response_model=None,
+              responses=answers(dict[str, Any]))
+    async def wait_run(thread_id: Ident, body: RunCreate) -> dict:
         return await _wait(thread_id, body)
 
-    @api.post("/runs/wait")
+    @api.post("/runs/wait", response_model=None, responses=answers(dict[str, Any]))
     async def wait_stateless(body: RunCreate) -> dict:
         return await _wait(None, body)
 
-    @api.post("/threads/{thread_id}/runs/stream")
-    async def stream_run(thread_id: str, body: RunCreate) -> StreamingResponse:
+    @api.post("/threads/{thread_id}/runs/stream", response_model=None, responses=stream_ok())
+    async def stream_run(thread_id: Ident, body: RunCreate) -> StreamingResponse:
         return await _stream(thread_id, body)
 
-    @api.post("/runs/stream")
+    @api.post("/runs/stream", response_model=None, responses=stream_ok())
     async def stream_stateless(body: RunCreate) -> StreamingResponse:
         return await _stream(None, body)
 
-    @api.post("/threads/{thread_id}/runs")
-    async def create_run(thread_id: str, body: RunCreate, response: Response) -> dict:
+    @api.post("/threads/{thread_id}/runs", response_model=None, responses=answers(Run))
+    async def create_run(thread_id: Ident, body: RunCreate, response: Response) -> dict:
         ex = await service.start_run(thread_id, body, stream=False)
         response.headers["Content-Location"] = f"/threads/{thread_id}/runs/{ex.run['run_id']}"
         return ex.run
 
-    @api.get("/threads/{thread_id}/runs")
-    async def list_runs(thread_id: str, limit: int = 10, offset: int = 0,
-                        status: str | None = None) -> list[dict]:
+    @api.get("/threads/{thread_id}/runs", response_model=None, responses=answers(list[Run]))
+    async def list_runs(thread_id: Ident, limit: Annotated[int, Query(ge=1, le=1000)] = 10,
+                        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+                        status: RunStatus | None = None) -> list[dict]:
         runner = await service.ready()
         return await runner.store.list_runs(thread_id, limit=limit, offset=offset,
                                             status=status)
 
-    @api.get("/threads/{thread_id}/runs/{run_id}")
-    async def get_run(thread_id: str, run_id: str) -> dict:
+    @api.get("/threads/{thread_id}/runs/{run_id}", response_model=None, responses=answers(Run))
+    async def get_run(thread_id: Ident, run_id: Ident) -> dict:
         runner = await service.ready()
         return await runner.store.get_run(thread_id, run_id)
 
-    @api.get("/threads/{thread_id}/runs/{run_id}/join")
-    async def join_run(thread_id: str, run_id: str) -> dict:
+    @api.get("/threads/{thread_id}/runs/{run_id}/join", response_model=None,
+             responses=answers(dict[str, Any]))
+    async def join_run(thread_id: Ident, run_id: Ident) -> dict:
         runner = await service.ready()
         return await runner.join(thread_id, run_id)
 
-    @api.post("/threads/{thread_id}/runs/{run_id}/cancel")
-    async def cancel_run(thread_id: str, run_id: str, wait: int = 0,
-                         action: str = "interrupt") -> dict:
+    @api.post("/threads/{thread_id}/runs/{run_id}/cancel", response_model=None,
+              responses=answers(Run))
+    async def cancel_run(thread_id: Ident, run_id: Ident, wait: bool = False,
+                         action: Literal["interrupt", "rollback"] = "interrupt") -> dict:
         runner = await service.ready()
         run = await runner.cancel(thread_id, run_id, action)
         if wait:
@@ -287,12 +312,22 @@ def create_app(service: Service, keys: ApiKeyStore | None) -> FastAPI:
         return run
 
     @api.delete("/threads/{thread_id}/runs/{run_id}", status_code=204)
-    async def delete_run(thread_id: str, run_id: str) -> Response:
+    async def delete_run(thread_id: Ident, run_id: Ident) -> Response:
         runner = await service.ready()
         await runner.store.delete_run(thread_id, run_id)
         return Response(status_code=204)
 
+    keyed = {(route.path, method.lower()) for route in api.routes
+             for method in getattr(route, "methods", ())}
     app.include_router(api)
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_openapi(generate(), keyed)
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 

@@ -54,11 +54,26 @@ def validation_error(errors: list[dict[str, Any]]) -> ApiError:
     if not errors:
         return ApiError(422, "malformed request body", code="invalid_body")
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
-    where = ".".join(loc) or "body"
+    loc = [str(p) for p in first.get("loc", ())
+           if p not in ("body", "query", "path") and not _union_member(p)]
+    where = ".".join(loc).replace(".[", "[") or "body"
+    msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    # A body-wide check names the field itself ("metadata.k: text must not ..."): fold it in.
+    head, sep, rest = msg.partition(": ")
+    if sep and " " not in head:
+        where, msg = (head if where == "body" else f"{where}.{head}"), rest
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return ApiError(422, f"{where}: {first.get('msg', 'invalid')}{more}",
-                    code="invalid_body", param=where)
+    return ApiError(422, f"{where}: {msg}{more}", code="invalid_body", param=where)
+
+
+def _union_member(part: object) -> bool:
+    """pydantic names the member of a union it tried in the error's location (``Checkpoint``,
+    ``str``, ``list[str]``): not a field of the request."""
+    import re
+
+    text = str(part)
+    return isinstance(part, str) and (bool(re.fullmatch(r"[A-Z]\w*", text)) or "[" in text
+                                      or text in ("str", "int", "float", "bool", "none"))
 
 
 def from_exception(err: BaseException) -> ApiError:
@@ -73,7 +88,7 @@ def from_exception(err: BaseException) -> ApiError:
     if isinstance(err, ApiError):
         return err
     if isinstance(err, ModelEndpointError):
-        return model_down(str(err))
+        return _model_refused(err) or model_down(str(err))
     if isinstance(err, (psycopg.OperationalError, PoolTimeout, psycopg.InterfaceError)):
         return database_down(" ".join(str(err).split()) or type(err).__name__)
     if isinstance(err, PlatformError) and "PostgreSQL" in str(err):
@@ -81,8 +96,39 @@ def from_exception(err: BaseException) -> ApiError:
     if _is_validation(err):
         return ApiError(422, f"the run's input was refused: {_first_line(err)}",
                         code="invalid_input", param="command")
+    refused = _refused_by_graph(err)
+    if refused is not None:
+        return refused
     return ApiError(500, f"internal error: {type(err).__name__}: {_first_line(err)}",
                     "server_error", code="internal_error")
+
+
+def _model_refused(err: BaseException) -> ApiError | None:
+    """The model endpoint answered 400/422 to the conversation the run built from the
+    client's input (no message at all, a context too long): the client's input to fix, not
+    an upstream failure."""
+    import openai
+
+    cause = err.__cause__
+    if isinstance(cause, openai.BadRequestError | openai.UnprocessableEntityError):
+        return ApiError(422, f"the model refused this run's conversation: {err}",
+                        code="invalid_input", param="input")
+    return None
+
+
+def _refused_by_graph(err: BaseException) -> ApiError | None:
+    """LangGraph refusing what the client sent: no input for a thread without state, an
+    update (``command.update``, ``POST /threads/{id}/state``) its channels cannot take."""
+    from langgraph.errors import EmptyInputError, InvalidUpdateError
+
+    if isinstance(err, EmptyInputError):
+        return ApiError(422, "the run has no input: send input, or a command to resume a "
+                             "thread stopped at an interrupt", code="invalid_input",
+                        param="input")
+    if isinstance(err, InvalidUpdateError):
+        return ApiError(422, f"the graph refused the update: {_first_line(err)}",
+                        code="invalid_update", param="values")
+    return None
 
 
 def _is_validation(err: BaseException) -> bool:

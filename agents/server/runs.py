@@ -17,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from agents.metrics import RunMetrics
 from agents.server.encoding import jsonable, wire_mode
 from agents.server.errors import ApiError, from_exception
 from agents.server.models import RunCreate
@@ -62,7 +64,7 @@ def graph_config(thread_id: str, body: RunCreate, run: dict[str, Any], graph_id:
                  ) -> dict[str, Any]:
     """The run's LangGraph config: the client's (its ``configurable``, ``recursion_limit``,
     tags), the thread, and the run's ids as metadata (which MLflow traces carry)."""
-    user = dict(body.config or {})
+    user = body.config.model_dump(exclude_none=True) if body.config is not None else {}
     extra: dict[str, Any] = {k: v for k, v in user.items()
                              if k in ("recursion_limit", "tags", "configurable")}
     extra["metadata"] = {**(body.metadata or {}), "run_id": run["run_id"],
@@ -106,6 +108,7 @@ class Runner:
     def __init__(self, store: Store, graphs: dict[str, Any], checkpointer: Any):
         self.store, self.graphs, self.checkpointer = store, graphs, checkpointer
         self.local: dict[str, Execution] = {}
+        self.metrics = RunMetrics()  # runs by graph and status (docs/monitoring.md)
 
     async def start(self, thread_id: str, graph_id: str, body: RunCreate, *,
                     temporary: bool = False, stream: bool = False) -> Execution:
@@ -158,6 +161,7 @@ class Runner:
         config = graph_config(thread_id, body, ex.run, ex.graph_id)
         ex.emit("metadata", {"run_id": run_id, "thread_id": thread_id})
         status, snapshot, beat = "error", None, None
+        started = time.monotonic()
         try:
             if ex.status == "pending" and not await self._claim(ex):
                 status = ex.status
@@ -185,6 +189,8 @@ class Runner:
             if beat is not None:
                 beat.cancel()
             ex.status = status
+            self.metrics.finished(ex.graph_id, status, time.monotonic() - started,
+                                  ex.error.code if ex.error else None)
             await self._record(ex, graph, snapshot, temporary)
 
     async def _record(self, ex: Execution, graph: Any, snapshot: Any, temporary: bool) -> None:
@@ -262,7 +268,7 @@ class Runner:
 
 def _status_of(code: str | None) -> int:
     return {"model_endpoint_error": 502, "database_unavailable": 503,
-            "invalid_input": 422}.get(code or "", 500)
+            "invalid_input": 422, "invalid_update": 422}.get(code or "", 500)
 
 
 __all__ = ["Execution", "Runner", "graph_config", "graph_input", "result_of", "thread_status"]

@@ -161,11 +161,11 @@ class Service:
         if graph is None:
             return []
         cfg = _cfg(thread_id)
-        if body.checkpoint and body.checkpoint.get("checkpoint_id"):
-            cfg["configurable"]["checkpoint_id"] = body.checkpoint["checkpoint_id"]
+        if body.checkpoint is not None and body.checkpoint.checkpoint_id:
+            cfg["configurable"]["checkpoint_id"] = body.checkpoint.checkpoint_id
         before = body.before
-        if isinstance(before, dict):
-            before = before.get("checkpoint_id")
+        if before is not None and not isinstance(before, str):
+            before = before.checkpoint_id
         out = []
         async for snapshot in graph.aget_state_history(
                 cfg, limit=body.limit, filter=body.metadata,
