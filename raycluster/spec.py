@@ -34,13 +34,18 @@ RENAMED_KEYS: dict[str, str] = {
 
 
 def field_path(loc: tuple[Any, ...]) -> str:
-    """('pools', 2, 'sharing', 'replicas') -> 'pools[2].sharing.replicas'."""
+    """('pools', 2, 'sharing', 'replicas') -> 'pools[2].sharing.replicas'; a key that is empty,
+    holds a space, a colon or an unprintable character is quoted (labels['a b']), so that a key
+    a user typed never breaks the one-line error."""
     out = ""
     for part in loc:
+        text = str(part)
         if isinstance(part, int):
             out += f"[{part}]"
+        elif not text or not text.isprintable() or any(c.isspace() or c == ":" for c in text):
+            out += f"[{text!r}]"
         else:
-            out += ("." if out else "") + str(part)
+            out += ("." if out else "") + text
     return out or "<root>"
 
 

@@ -124,7 +124,8 @@ class ModelSpec(Spec):
                                                   "model's).")
     max_queued_requests: int = Field(default=64, ge=-1,
                                      description="Requests waiting for a replica beyond which "
-                                                 "Serve answers 503 (-1: unbounded).")
+                                                 "Serve answers 503 (-1: unbounded; 0 is "
+                                                 "refused, as Ray refuses it).")
     stream_interval_ms: float = Field(default=50, ge=0, le=1000,
                                       description="cpu: a stream's tokens are sent at most "
                                                   "this often after the first (0: every "
@@ -144,6 +145,13 @@ class ModelSpec(Spec):
                                               "sharing; may only be lowered).")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict,
                                           description="vllm: further engine arguments.")
+
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _queue(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("must be -1 (unbounded) or at least 1")
+        return v
 
     @field_validator("name")
     @classmethod
