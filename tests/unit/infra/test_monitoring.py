@@ -26,6 +26,7 @@ from raycluster.kuberay.pods import MONITORING_ENV
 from raycluster.local.services import prometheus_config
 from raycluster.render import load_inputs, render_objects
 from raycluster.spec import SpecError
+from tests.support.crds import strict as _strict
 from tests.support.infra import helm_release, helm_values
 
 ROOT = monitoring.MONITORING_DIR
@@ -100,19 +101,6 @@ def objects(catalog, env):
     return render_objects(catalog, env, load_inputs(env))
 
 
-def _strict(schema):
-    """Unknown fields refused, as the API server's strict field validation does."""
-    if isinstance(schema, dict):
-        if (schema.get("type") == "object" and "properties" in schema
-                and "additionalProperties" not in schema
-                and not schema.get("x-kubernetes-preserve-unknown-fields")):
-            schema["additionalProperties"] = False
-        for value in schema.values():
-            _strict(value)
-    elif isinstance(schema, list):
-        for value in schema:
-            _strict(value)
-    return schema
 
 
 @pytest.fixture(scope="module")

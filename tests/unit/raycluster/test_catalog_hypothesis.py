@@ -32,6 +32,7 @@ from raycluster.policy import (
 )
 from raycluster.spec import SpecError
 from raycluster.terraform import render_tfvars
+from tests.support.crds import strict as _strict
 
 SEED = yaml.safe_load(DEFAULT_CATALOG.read_text())
 ENV = load_environment("production")
@@ -109,19 +110,6 @@ def catalogs(draw) -> tuple[dict, list[str]]:
     return doc, changed
 
 
-def _strict(schema):
-    """A CRD schema refusing unknown fields, as `kubectl apply --validate=strict` does."""
-    if isinstance(schema, dict):
-        if (schema.get("type") == "object" and "properties" in schema
-                and "additionalProperties" not in schema
-                and not schema.get("x-kubernetes-preserve-unknown-fields")):
-            schema["additionalProperties"] = False
-        for value in schema.values():
-            _strict(value)
-    elif isinstance(schema, list):
-        for value in schema:
-            _strict(value)
-    return schema
 
 
 class Validators(dict):

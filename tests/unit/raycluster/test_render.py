@@ -26,6 +26,7 @@ from raycluster.render import (
     render_objects,
     write_objects,
 )
+from tests.support.crds import strict as _strict
 from tests.support.infra import pod_templates
 
 REPO = Path(__file__).resolve().parents[3]
@@ -104,20 +105,6 @@ def test_the_core_schema_check_catches_a_misspelled_field(objects, env):
         kubernetes_validate.validate(quota, env.kubernetes_version, strict=True)
 
 
-def _strict(schema):
-    """A CRD schema that refuses unknown fields, as the API server's strict field validation
-    does (`kubectl apply --validate=strict`); CRDs leave additionalProperties open."""
-    if isinstance(schema, dict):
-        if (schema.get("type") == "object" and "properties" in schema
-                and "additionalProperties" not in schema
-                and not schema.get("x-kubernetes-preserve-unknown-fields")):
-            schema["additionalProperties"] = False
-        for value in schema.values():
-            _strict(value)
-    elif isinstance(schema, list):
-        for value in schema:
-            _strict(value)
-    return schema
 
 
 @pytest.fixture(scope="module")

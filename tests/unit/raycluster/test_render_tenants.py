@@ -16,6 +16,7 @@ from raycluster.kuberay import API_KEYS_SECRET
 from raycluster.render import load_inputs, render_objects
 from raycluster.spec import SpecError
 from serve.config import ServeAppConfig
+from tests.support.crds import strict as _strict
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -37,18 +38,6 @@ def render_with(catalog, env, doc: dict) -> tuple[list[dict], str]:
     return render_objects(catalog, env, inputs), svc.namespace
 
 
-def _strict(schema):
-    if isinstance(schema, dict):
-        if schema.get("type") == "object" and "properties" in schema \
-                and "additionalProperties" not in schema \
-                and not schema.get("x-kubernetes-preserve-unknown-fields"):
-            schema["additionalProperties"] = False
-        for value in schema.values():
-            _strict(value)
-    elif isinstance(schema, list):
-        for value in schema:
-            _strict(value)
-    return schema
 
 
 def test_tenant_keys_reach_every_serve_pod_from_the_api_keys_secret(catalog, env, schemas_dir):

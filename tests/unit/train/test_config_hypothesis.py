@@ -22,6 +22,7 @@ from raycluster.catalog import load_catalog
 from raycluster.environments import RayJobSpec, load_environment
 from raycluster.kuberay import render_rayjob
 from raycluster.spec import SpecError
+from tests.support.crds import strict as _strict
 from train.config import TrainConfig, scaling_config, worker_resources
 
 CONFIGS = Path(__file__).resolve().parents[3] / "train" / "configs"
@@ -91,19 +92,6 @@ class _Validator(jsonschema.Draft7Validator):
         return "<RayJob CRD validator>"
 
 
-def _strict(schema):
-    """A CRD schema refusing unknown fields, as `kubectl apply --validate=strict` does."""
-    if isinstance(schema, dict):
-        if (schema.get("type") == "object" and "properties" in schema
-                and "additionalProperties" not in schema
-                and not schema.get("x-kubernetes-preserve-unknown-fields")):
-            schema["additionalProperties"] = False
-        for value in schema.values():
-            _strict(value)
-    elif isinstance(schema, list):
-        for value in schema:
-            _strict(value)
-    return schema
 
 
 def assert_refused_naming_the_field(err: SpecError) -> None:
