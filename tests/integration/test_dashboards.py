@@ -67,6 +67,12 @@ def has_data(series: list[dict]) -> bool:
                for _, v in s.get("values", [s.get("value", (0, "NaN"))]))
 
 
+def total(cluster, name: str) -> float:
+    """The sum of every series of counter ``name`` now (0 when there is none yet)."""
+    result = prometheus(cluster, "query", query=f"sum({name})")
+    return float(result[0]["value"][1]) if result else 0.0
+
+
 def wait_for_series(cluster, *names: str, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     missing = list(names)
@@ -74,6 +80,17 @@ def wait_for_series(cluster, *names: str, timeout: float = 90) -> None:
         missing = [n for n in missing if not prometheus(cluster, "query", query=n)]
         time.sleep(2)
     assert not missing, f"no series {missing} in Prometheus after {timeout} s"
+
+
+def wait_for_increase(cluster, before: dict[str, float], timeout: float = 90) -> None:
+    """Until Prometheus has scraped each counter above its value in ``before``. Waiting for the
+    series to exist is not enough: earlier tests of the session may have made it already."""
+    deadline = time.monotonic() + timeout
+    waiting = dict(before)
+    while waiting and time.monotonic() < deadline:
+        waiting = {n: v for n, v in waiting.items() if total(cluster, n) <= v}
+        time.sleep(2)
+    assert not waiting, f"no new samples of {sorted(waiting)} in Prometheus after {timeout} s"
 
 
 def live_queries() -> list[tuple[str, str, str]]:
@@ -124,10 +141,11 @@ def traffic(local_cluster, cluster_env, agent_model, tmp_path_factory):
         # A first request and run, then the rest once their series exist: rate() needs the
         # increase between two samples, and Ray exports a new series' first value with
         # everything that happened before it.
+        before = {n: total(local_cluster, n) for n in ("ray_rayplane_serve_model_requests_total",
+                                                          "ray_rayplane_agents_runs_total")}
         chat(temperature=0)
         runs = [agents.runs.wait(None, "tools", input=question)]
-        wait_for_series(local_cluster, "ray_rayplane_serve_model_requests_total",
-                        "ray_rayplane_agents_runs_total")
+        wait_for_increase(local_cluster, before)
         for _ in range(3):
             chat(temperature=0)
         for _ in range(2):
