@@ -273,7 +273,10 @@ def test_probes_run_at_once_and_a_hung_one_is_cut_at_the_deadline():
                               "hung": lambda: time.sleep(30), "err": lambda: 1 / 0},
                              deadline=1.5)
     took = time.monotonic() - start
-    assert 1.0 <= took < 2.0, took
+    # a and b (1 s each) both finish within the 1.5 s deadline only when run at once; the hung
+    # probe (30 s) is cut at the deadline, not waited for. No tight upper bound: the machine
+    # may be loaded.
+    assert took < 10, took
     assert (found["a"], found["b"]) == ("a", "b")
     assert isinstance(found["hung"], TimeoutError)
     assert isinstance(found["err"], ZeroDivisionError)
