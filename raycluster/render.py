@@ -18,11 +18,11 @@ from typing import Any
 import yaml
 
 from agents.spec import AgentsAppConfig
-from raycluster import gpu_operator, kuberay, monitoring, policy
+from raycluster import gitops, gpu_operator, kuberay, monitoring, policy
 from raycluster.catalog import Catalog
-from raycluster.environments import AgentsServiceSpec, Environment, RayServiceSpec
-from raycluster.kuberay.pods import tenant_secret_key
-from raycluster.policy import RAY_NAMESPACES, RAY_NODE_LABEL, meta
+from raycluster.environments import Environment, RayServiceSpec
+from raycluster.policy import meta
+from raycluster.secrets import ray_namespaces, render_agents_plumbing, render_secrets
 from raycluster.spec import SpecError
 from serve.builder import to_serve_config
 from serve.config import ServeAppConfig
@@ -30,7 +30,6 @@ from train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 FIELD_MANAGER = "rayplane"
-SECRET_STORE = "aws-secrets-manager"
 SYNC_WAVE = "argocd.argoproj.io/sync-wave"
 
 #: Kinds in the order they are written and applied: namespaces and cluster-wide policy
@@ -87,10 +86,6 @@ def load_inputs(env: Environment, repo_root: Path = REPO) -> Inputs:
 # -- platform plumbing ---------------------------------------------------------------------
 
 
-def ray_namespaces(catalog: Catalog) -> list[str]:
-    return [ns.name for ns in catalog.namespaces if ns.name in RAY_NAMESPACES]
-
-
 def render_service_accounts(catalog: Catalog, env: Environment) -> list[dict]:
     out = []
     for ns in ray_namespaces(catalog):
@@ -118,61 +113,6 @@ def render_storage(catalog: Catalog, env: Environment) -> list[dict]:
                       "storageClassName": env.storage.storage_class,
                       "resources": {"requests": {"storage": env.storage.shared_volume_size}}}}
             for ns in ray_namespaces(catalog)]
-
-
-def render_secrets(catalog: Catalog, env: Environment, gcs_ft_namespaces: set[str],
-                   api_key_namespaces: dict[str, set[str]] | None = None) -> list[dict]:
-    """External Secrets pull the Ray token (one per namespace), the Redis password and the
-    API keys (namespace -> its tenants, a key each) from AWS Secrets Manager; nothing secret
-    is rendered or committed."""
-    store = {"apiVersion": "external-secrets.io/v1", "kind": "ClusterSecretStore",
-             "metadata": meta(SECRET_STORE),
-             "spec": {"provider": {"aws": {
-                 "service": "SecretsManager", "region": env.region,
-                 "auth": {"jwt": {"serviceAccountRef": {"name": "external-secrets",
-                                                        "namespace": "external-secrets"}}}}}}}
-    out = [store]
-    for ns in ray_namespaces(catalog):
-        out.append(_external_secret(kuberay.AUTH_SECRET, ns, kuberay.AUTH_SECRET_KEY,
-                                    f"{env.secrets_manager_prefix}/{ns}/ray-auth-token"))
-    for ns in sorted(gcs_ft_namespaces):
-        out.append(_external_secret(kuberay.REDIS_SECRET, ns, "password",
-                                    f"{env.secrets_manager_prefix}/redis-auth-token"))
-    for ns, tenants in sorted((api_key_namespaces or {}).items()):
-        remote = f"{env.secrets_manager_prefix}/{ns}/serve-api-keys"
-        out.append(_external_secret(kuberay.API_KEYS_SECRET, ns, kuberay.API_KEYS_SECRET_KEY,
-                                    remote))
-        out[-1]["spec"]["data"] += [{"secretKey": tenant_secret_key(t),
-                                     "remoteRef": {"key": f"{remote}/{t}"}} for t in sorted(tenants)]
-    return out
-
-
-def _external_secret(name: str, namespace: str, key: str, remote: str) -> dict:
-    return {"apiVersion": "external-secrets.io/v1", "kind": "ExternalSecret",
-            "metadata": meta(name, namespace),
-            "spec": {"refreshInterval": "1h",
-                     "secretStoreRef": {"kind": "ClusterSecretStore", "name": SECRET_STORE},
-                     "target": {"name": name, "creationPolicy": "Owner"},
-                     "data": [{"secretKey": key, "remoteRef": {"key": remote}}]}}
-
-
-def render_argocd_application(env: Environment) -> dict:
-    return {"apiVersion": "argoproj.io/v1alpha1", "kind": "Application",
-            "metadata": meta(f"rayplane-{env.name}", env.gitops.argocd_namespace),
-            "spec": {
-                "project": "default",
-                "source": {"repoURL": env.gitops.repo_url,
-                           "targetRevision": env.gitops.revision,
-                           "path": env.gitops.path,
-                           # The Application is applied once by `rayplane apply`; it does not
-                           # manage itself.
-                           "directory": {"recurse": False,
-                                         "exclude": file_name("Application")}},
-                "destination": {"server": "https://kubernetes.default.svc"},
-                "syncPolicy": {"automated": {"prune": True, "selfHeal": True},
-                               "syncOptions": ["ServerSideApply=true",
-                                               "CreateNamespace=false"]},
-            }}
 
 
 # -- the whole set -------------------------------------------------------------------------
@@ -240,7 +180,7 @@ def render_objects(catalog: Catalog, env: Environment, inputs: Inputs | None = N
         *gpu_operator.render_gpu_operator(catalog, env),
         *(obj for plumbing in agent_objects.values() for obj in plumbing),
         *workloads,
-        render_argocd_application(env),
+        gitops.render_argocd_application(env, exclude=file_name("Application")),
         *inputs.monitoring,
     ]
     return order_objects(objects)
@@ -270,34 +210,6 @@ def _check_unique_cluster(env: Environment, obj: dict, field: str) -> None:
             raise SpecError(f"{field}.name: {name!r} is also clusters[{i}] in namespace "
                             f"{ns!r}; their Services would collide (remove the cluster or "
                             "name the service)", field=f"{field}.name")
-
-
-def render_agents_plumbing(env: Environment, app: AgentsServiceSpec) -> list[dict]:
-    """What an agents RayService needs beside it: its DSN, composed by External Secrets from
-    the password RDS manages for the database Terraform creates (JSON username/password,
-    outside the environment's prefix; External Secrets' role is granted it by ARN); a key of
-    the model endpoint; and egress from its Ray pods to PostgreSQL."""
-    db = app.database
-    ns = app.namespace
-    dsn = (f"postgresql://{{{{ .username | urlquery }}}}:{{{{ .password | urlquery }}}}@"
-           f"{db.host}:{db.port}/{db.database}?sslmode={db.sslmode}")
-    dsn_secret = _external_secret(kuberay.AGENTS_DB_SECRET, ns, "username", db.secret)
-    spec = dsn_secret["spec"]
-    spec["data"] = [{"secretKey": key, "remoteRef": {"key": db.secret, "property": key}}
-                    for key in ("username", "password")]
-    # Only the composed DSN lands in the Kubernetes Secret.
-    spec["target"]["template"] = {"engineVersion": "v2",
-                                  "data": {kuberay.AGENTS_DB_SECRET_KEY: dsn}}
-    model_key = _external_secret(kuberay.MODEL_KEY_SECRET, ns,
-                                 kuberay.MODEL_KEY_SECRET_KEY,
-                                 f"{env.secrets_manager_prefix}/{ns}/model-api-key")
-    egress = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-              "metadata": meta("allow-postgres-egress", ns),
-              "spec": {"podSelector": {"matchLabels": {RAY_NODE_LABEL: "true"}},
-                       "egress": [{"to": [{"ipBlock": {"cidr": env.vpc_cidr}}],
-                                   "ports": [{"protocol": "TCP", "port": db.port}]}],
-                       "policyTypes": ["Egress"]}}
-    return [dsn_secret, model_key, egress]
 
 
 def order_objects(objects: Iterable[dict]) -> list[dict]:
