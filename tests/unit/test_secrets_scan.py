@@ -31,8 +31,8 @@ _FAKE_DSN = "a fake PostgreSQL password in a test of DSN parsing and redaction"
 ALLOWED: dict[str, tuple[str, tuple[str, ...]]] = {
     "rayplane-ray-auth": (_SECRET_NAMES, (
         "raycluster/kuberay/pods.py", "tests/unit/raycluster/test_render_agents.py",
-        "infra/k8s/12-raycluster.yaml", "infra/k8s/13-rayservice.yaml",
-        "infra/k8s/14-rayjob.yaml", "infra/k8s/15-raycronjob.yaml")),
+        "infra/k8s/17-raycluster.yaml", "infra/k8s/18-rayservice.yaml",
+        "infra/k8s/19-rayjob.yaml", "infra/k8s/20-raycronjob.yaml")),
     "rayplane-agents-db": (_SECRET_NAMES, ("raycluster/kuberay/agents.py",
                                            "tests/unit/raycluster/test_render_agents.py")),
     "rayplane-agents-model-key": (_SECRET_NAMES, ("raycluster/kuberay/agents.py",)),
@@ -57,9 +57,9 @@ ALLOWED: dict[str, tuple[str, tuple[str, ...]]] = {
         "the IAM policy's resource pattern for the platform's Secrets Manager entries",
         ("infra/terraform/modules/platform-services/main.tf",)),
     "RAYPLANE_MODEL_API_KEY": ("the env variable the model's key is read from, not the key",
-                               ("agents/configs/eks.yaml", "infra/k8s/13-rayservice.yaml")),
+                               ("agents/configs/eks.yaml", "infra/k8s/18-rayservice.yaml")),
     "null": ("an unset api_key_file in a rendered agents config",
-             ("infra/k8s/13-rayservice.yaml",)),
+             ("infra/k8s/18-rayservice.yaml",)),
     "MY_KEY": ("an env variable name in a test", ("tests/unit/agents/test_frameworks.py",)),
     "AGENTS_TEST_KEYS": ("an env variable name in a test", ("tests/unit/agents/test_server.py",)),
     "rp-env": ("a fake key a test puts in a test env variable",
