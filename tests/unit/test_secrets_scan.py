@@ -49,7 +49,7 @@ ALLOWED: dict[str, tuple[str, tuple[str, ...]]] = {
     "keys": (_DATA_KEYS, ("infra/k8s/08-externalsecret.yaml", "raycluster/kuberay/pods.py")),
     "dsn": (_DATA_KEYS, ("raycluster/kuberay/agents.py",)),
     "aws-secrets-manager": ("the name of the External Secrets ClusterSecretStore",
-                            ("raycluster/render.py",)),
+                            ("raycluster/secrets.py",)),
     "rayplane/production": ("the Secrets Manager name prefix of the production environment",
                             ("raycluster/environments/production.yaml",)),
     "arn:${local.partition}:secretsmanager:${local.region}:${local.account_id}:secret:"
