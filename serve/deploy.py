@@ -199,26 +199,39 @@ def deploy(config: ServeAppConfig | str | Path, target: ServeTarget, *,
     return config, f"{public_url(rendered, target)}{config.route_prefix.rstrip('/')}/v1"
 
 
-def wait_routes(target: ServeTarget, prefixes: list[str], timeout: float = 60) -> None:
+def wait_routes(target: ServeTarget, prefixes: list[str], timeout: float = 120) -> None:
     """Until every running Serve proxy of ``target`` routes ``prefixes``: an app is RUNNING
     before each proxy has learnt its route, and behind a balancer a client's first requests
-    would otherwise meet a 404 from a proxy that has not. A proxy that does not answer (none
-    runs on a node without replicas) is skipped."""
+    would otherwise meet a 404 from a proxy that has not (or, worse, the app at ``/`` answering
+    for it). A proxy that does not answer (none runs on a node without replicas, and a starting
+    one fails its health check too) is asked again each round: settled means two rounds a second
+    apart in which every proxy that answered listed every prefix. PlatformError naming the
+    proxies that still lack a route after ``timeout`` seconds."""
     import urllib.error
     import urllib.request
 
     wanted = {p.rstrip("/") or "/" for p in prefixes}
     deadline = time.monotonic() + timeout
-    for url in target.proxy_urls:
-        while True:
+    settled = 0
+    while True:
+        lacking: dict[str, set[str]] = {}
+        for url in target.proxy_urls:
             try:
                 with urllib.request.urlopen(f"{url}/-/routes", timeout=2) as resp:
                     routes = {r.rstrip("/") or "/" for r in json.loads(resp.read())}
             except (urllib.error.URLError, OSError, ValueError):
-                break  # no proxy there (or not one that lists routes)
-            if wanted <= routes or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
+                continue  # no proxy there now (or not one that lists routes yet)
+            if not wanted <= routes:
+                lacking[url] = wanted - routes
+        settled = settled + 1 if not lacking else 0
+        if settled >= 2 or not target.proxy_urls:
+            return
+        if time.monotonic() > deadline:
+            what = "; ".join(f"{url} lacks {', '.join(sorted(miss))}"
+                             for url, miss in sorted(lacking.items()))
+            raise PlatformError(f"Serve proxies did not learn the new routes within "
+                                f"{timeout:.0f}s: {what}")
+        time.sleep(1)
 
 
 def at_target(rendered: dict, target: ServeTarget) -> dict:

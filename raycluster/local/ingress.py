@@ -52,6 +52,10 @@ frontend serve
 
 backend serve_proxies
     balance leastconn
+    # A fresh connection to a proxy per request: Serve's per-node HAProxy reloads on every
+    # route change, and a kept-alive connection to its old process would still be answered
+    # with the old routes (a just-deployed prefix falling through to the app at `/`).
+    option http-server-close
     option httpchk GET /-/healthz
     http-check expect status 200
     default-server inter 1s fastinter 500ms downinter 2s fall 2 rise 1 observe layer4 error-limit 1 on-error mark-down
