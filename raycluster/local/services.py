@@ -59,6 +59,10 @@ def haproxy_binary() -> str:
         return found
 
 
+#: Seconds a stopping replica stays reachable behind the local HAProxy (see haproxy_env).
+LOCAL_DRAINING_PERIOD_S = 5
+
+
 def haproxy_env(folder: Path, stats_port: int, metrics_port: int) -> dict[str, str]:
     """What every node needs for Serve's HAProxy ingress: the feature flag, HAProxy's files in
     ``folder`` (Ray's default, /tmp/haproxy-serve, is shared by every cluster on the host and
@@ -79,6 +83,11 @@ def haproxy_env(folder: Path, stats_port: int, metrics_port: int) -> dict[str, s
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(folder / "metrics.sock"),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port),
+        # A stopping replica stays reachable this long so load balancers can deregister it
+        # (30 s by default, sized for cloud balancers); this host's HAProxy reloads within a
+        # second, and a stale one retries elsewhere once the replica refuses connections. At 30 s
+        # every redeploy and `rayplane agents down` waited half a minute for nothing.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(LOCAL_DRAINING_PERIOD_S),
     }
 
 
