@@ -1,15 +1,15 @@
-"""Fault tolerance of train.fit on the local platform: a training worker killed by its pid
-mid-run is restarted by Ray Train and continues from its last checkpoint (the step counter
-goes on, the restart is counted); a stopped run re-submitted under the same name continues
-from its last checkpoint in the same MLflow run; the kept checkpoints load."""
+"""Resuming train.fit on the local platform: a stopped run re-submitted under the same name
+continues from its last checkpoint in the same MLflow run; the kept checkpoints load.
+
+A worker lost mid-run (its node killed, Ray Train restarting the group from the last
+checkpoint, the restart counted) is tests/reliability/test_train_faults.py's; it used to be
+here too, as a worker killed by its pid, which exercised the same restart path for 4 minutes
+of CI."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import time
 import uuid
 from pathlib import Path
 
@@ -18,21 +18,20 @@ import torch
 
 from tests.integration.conftest import ray_job_submit
 from tests.integration.test_train_fit import (
-    STEPS,
     fit_args,
     job_logs,
     job_request,
     mlflow_client,
-    os_pid_alive,
     submit_no_wait,
     tail,
-    train_worker_pids,
     wait_for_checkpoint,
     wait_job,
 )
 from train.fit import result_from_logs
 from train.loop import TRAIN_STATE, TRAIN_STATE_JSON
 from train.model import load_model_folder
+
+STEPS = 300
 
 
 def checkpoints_load(run_dir: Path, keep: int) -> list[int]:
@@ -52,47 +51,14 @@ def checkpoints_load(run_dir: Path, keep: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_killed_worker_resumes_from_its_last_checkpoint(local_cluster, cluster_env,
-                                                        tmp_path):
-    name = f"it-kill-{uuid.uuid4().hex[:8]}"
-    sid = f"{name}-job"
-    # The CI size's steps: the run is still going when its first checkpoint (100) lands.
-    submit_no_wait(cluster_env, sid, fit_args(name, tmp_path,
-                                              "--set", "mlflow.register_on_pass=false"))
-    wait_for_checkpoint(local_cluster, sid, tmp_path / name, 100, timeout=600)
-    pids = train_worker_pids(local_cluster, sid)
-    assert len(pids) == 1, pids
-    os.kill(pids[0], signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while os_pid_alive(pids[0]) and time.monotonic() < deadline:
-        time.sleep(0.2)
-
-    assert wait_job(local_cluster, sid, timeout=900) == "SUCCEEDED", tail(job_logs(
-        local_cluster, sid))
-    logs = job_logs(local_cluster, sid)
-    resumed = re.search(r"worker restart 1: resuming from checkpoint step (\d+)", logs)
-    assert resumed, tail(logs)
-    step = int(resumed[1])
-    assert step >= 100 and step % 100 == 0
-    assert f"steps {step + 1}..{STEPS}" in logs, "the step counter restarted"
-    outcome = result_from_logs(logs)
-    assert outcome["steps"] == STEPS and outcome["restarts"] == 1
-
-    client = mlflow_client(local_cluster)
-    run_id = outcome["mlflow_run_id"]
-    assert client.get_run(run_id).data.metrics["restarts"] == 1
-    assert [m.value for m in client.get_metric_history(run_id, "resumed_from_step")] == [step]
-    assert train_worker_pids(local_cluster, sid) == []
-    kept = checkpoints_load(tmp_path / name, keep=2)
-    assert STEPS in kept  # the latest is always kept
-
-
-@pytest.mark.slow
 def test_stopped_run_resubmitted_under_its_name_continues(local_cluster, cluster_env,
                                                           tmp_path):
     name = f"it-resub-{uuid.uuid4().hex[:8]}"
     first = f"{name}-1"
-    args = fit_args(name, tmp_path, "--set", "mlflow.register_on_pass=false")
+    # Fewer steps than the CI size and a small evaluation: the stop lands after the first
+    # checkpoint (100) with room to spare, and the outcome is the resume, not the model.
+    args = fit_args(name, tmp_path, "--set", f"steps={STEPS}", "--set", "eval.max_examples=20",
+                    "--set", "eval.min_exact_match=0", "--set", "mlflow.register_on_pass=false")
     submit_no_wait(cluster_env, first, args)
     wait_for_checkpoint(local_cluster, first, tmp_path / name, 100, timeout=600)
     job_request(local_cluster, "POST", f"/api/jobs/{first}/stop")

@@ -7,7 +7,6 @@ refused before any worker starts. W&B (offline) gets the same metrics."""
 from __future__ import annotations
 
 import json
-import os
 import struct
 import time
 import uuid
@@ -225,27 +224,3 @@ def test_mlflow_down_fails_before_any_worker(cluster_env, tmp_path, dead_mlflow)
     assert "TrainController" not in proc.stdout
 
 
-def train_worker_pids(cluster, sid: str) -> list[int]:
-    """PIDs of the live Ray Train workers of job ``sid``, from the dashboard's state API
-    (the REST call behind `ray list actors`), with the cluster token like any client."""
-    from urllib.parse import urlencode
-
-    job_id = job_request(cluster, "GET", f"/api/jobs/{sid}")["job_id"]
-    assert job_id, f"job {sid} has no driver yet"
-    filters = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"),
-               ("job_id", "=", job_id)]
-    query = urlencode({"detail": "true", "limit": 100,
-                       "filter_keys": [k for k, _, _ in filters],
-                       "filter_predicates": [p for _, p, _ in filters],
-                       "filter_values": [v for _, _, v in filters]}, doseq=True)
-    reply = job_request(cluster, "GET", f"/api/v0/actors?{query}")
-    assert reply["result"], reply.get("msg")
-    return [a["pid"] for a in reply["data"]["result"]["result"]]
-
-
-def os_pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from raycluster.local.processes import stop_group
+from tests.integration.test_train_fault import checkpoints_load
 from tests.integration.test_train_fit import (
     CI,
     fit_args,
@@ -132,6 +133,7 @@ def test_a_killed_worker_node_resumes_from_its_last_checkpoint_once_back(
     logged = set(metric_steps(client, run_id, "train_loss"))
     assert logged == set(range(50, NODE_STEPS + 1, 50))
     assert set(metric_steps(client, run_id, "val_loss")) == {100, 200, NODE_STEPS}
+    assert NODE_STEPS in checkpoints_load(tmp_path / name, keep=2)  # the latest is kept
     summary = (f"worker node of {POOL} killed at step {at_kill} of {NODE_STEPS}: Ray Train "
                f"noticed in {noticed_s:.0f}s and waited for the pool, node down "
                f"{back - killed:.0f}s, training resumed {resumed_s:.0f}s after the node was "
