@@ -2,7 +2,8 @@
 once (``data/pools.yaml``). Everything else -- Terraform node groups, the GPU Operator's
 time-slicing and MIG config, KubeRay worker groups, Ray custom resources, the local emulation
 -- is derived from it. The derived numbers (schedulable GPU units, memory per unit, the
-Kubernetes resource name, the Ray resources) are computed here and nowhere else.
+Kubernetes resource name, the Ray resources) are computed here and nowhere else; workers per
+node, after what the kubelet and the DaemonSets keep, in ``raycluster.capacity``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
+from raycluster.capacity import Fit, Quota, misfit, pool_fit
 from raycluster.hardware import (
     GPUModel,
     InstanceType,
@@ -28,7 +30,6 @@ DEFAULT_CATALOG = Path(__file__).parent / "data" / "pools.yaml"
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?"
                             r"(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_QUANTITY = re.compile(r"^(\d+(\.\d+)?)(Ki|Mi|Gi|Ti)?$")
 
 #: Prefix of the Ray custom resource every worker of a pool advertises: ``pool:a100-mig``.
 POOL_RESOURCE_PREFIX = "pool:"
@@ -118,6 +119,8 @@ class Pool(Spec):
     labels: dict[str, str] = Field(default_factory=dict, description="Extra node labels.")
     taints: list[Taint] = Field(default_factory=list, description="Node taints.")
     worker: WorkerShape = Field(description="Shape of one Ray worker pod on this pool.")
+    efa: bool = Field(default=False, description="Attach EFA interfaces to the pool's nodes "
+                                                 "(multi-node NCCL training on p4d/p5).")
     priority_class: str = Field(description="Default priority class of work on this pool.")
     namespace: str = Field(description="Namespace whose workloads run on this pool by default.")
 
@@ -153,6 +156,8 @@ class Pool(Spec):
             raise ValueError(f"desired_nodes ({desired}) must lie between min_nodes "
                              f"({self.min_nodes}) and max_nodes ({self.max_nodes})")
         node = self.instance
+        if node.gpus and self.max_nodes == 0:  # Karpenter would never launch one of its nodes
+            raise ValueError("max_nodes: 0 on a GPU pool holds no worker; valid: 1 or more")
         if node.gpus == 0 and self.sharing.mode is not SharingMode.none:
             raise ValueError(f"sharing.mode: {self.sharing.mode.value!r} needs a GPU instance "
                              f"type; {self.instance_types[0]} has no GPU")
@@ -166,16 +171,19 @@ class Pool(Spec):
                     f"sharing.mig_profile: {self.sharing.mig_profile!r} is not a MIG profile of "
                     f"{model.name} ({self.instance_types[0]}){did_you_mean(self.sharing.mig_profile, profiles)}; "
                     f"valid: {valid}")
+        no_efa = [t for t in self.instance_types if not hardware().instance_types[t].efa]
+        if self.efa and no_efa:
+            raise ValueError(f"efa: true but instance type {no_efa[0]} has no EFA support")
         if self.worker.gpu_units > self.gpu_units_per_node:
             raise ValueError(f"worker.gpu_units: {self.worker.gpu_units} is more than a node of "
                              f"the pool holds ({self.gpu_units_per_node} units on "
                              f"{self.instance_types[0]})")
         if node.gpus and self.worker.gpu_units == 0:
             raise ValueError("worker.gpu_units: a GPU pool's worker must take at least 1 unit")
-        if self.worker.cpus > node.vcpus or self.worker.memory_gib > node.memory_gib:
-            raise ValueError(f"worker: {self.worker.cpus} CPUs / {self.worker.memory_gib} GiB "
-                             f"does not fit a {self.instance_types[0]} node "
-                             f"({node.vcpus} vCPUs / {node.memory_gib} GiB)")
+        w = self.worker
+        bad = misfit(self, gpu_units=w.gpu_units, cpus=w.cpus, memory_gib=w.memory_gib)
+        if bad:
+            raise ValueError(f"worker.{bad[0]}: {bad[1]}")
         return self
 
     # -- derived, never typed ------------------------------------------------------------
@@ -289,15 +297,23 @@ class Pool(Spec):
         return self.workers_per_node_of(gpu_units=self.worker.gpu_units, cpus=self.worker.cpus,
                                         memory_gib=self.worker.memory_gib)
 
-    def workers_per_node_of(self, *, gpu_units: int, cpus: int, memory_gib: int) -> int:
-        """How many workers of a given shape fit on one node of this pool: the fewest its
-        vCPUs, its memory and, for a worker that takes GPU units, its GPU units allow. A
-        KubeRay worker group sized differently from the pool's worker counts with this."""
-        node = self.instance
-        fits = [node.vcpus // cpus, node.memory_gib // memory_gib]
-        if self.has_gpu and gpu_units:
-            fits.append(self.gpu_units_per_node // gpu_units)
-        return max(0, min(fits))
+    def workers_per_node_of(self, *, gpu_units: int, cpus: float, memory_gib: float) -> int:
+        """How many workers of a given shape fit on one node of this pool: the fewest its GPU
+        units, and its CPU, memory and pods after kube-reserved, the eviction threshold and the
+        DaemonSets allow (``raycluster.capacity``). A worker group sized differently from the
+        pool's worker counts with this."""
+        return self.fit_of(gpu_units=gpu_units, cpus=cpus, memory_gib=memory_gib).workers
+
+    def fit_of(self, *, gpu_units: int, cpus: float, memory_gib: float) -> Fit:
+        """Workers of a shape per node, the resource that binds and the stranded GPU units."""
+        return pool_fit(self, gpu_units=gpu_units if self.has_gpu else 0, cpus=cpus,
+                        memory_gib=memory_gib)
+
+    @property
+    def fit(self) -> Fit:
+        """``fit_of`` the pool's own worker shape."""
+        w = self.worker
+        return self.fit_of(gpu_units=w.gpu_units, cpus=w.cpus, memory_gib=w.memory_gib)
 
     @property
     def max_workers(self) -> int:
@@ -319,32 +335,20 @@ class PriorityClass(Spec):
         return v
 
 
-class Quota(Spec):
-    gpus: int = Field(default=0, ge=0, description="GPU units the namespace may request.")
-    cpus: int = Field(ge=0, description="CPU cores the namespace may request.")
-    memory: str = Field(description="Memory the namespace may request (Kubernetes quantity).")
-
-    @field_validator("memory")
-    @classmethod
-    def _quantity(cls, v: str) -> str:
-        if not _QUANTITY.match(v):
-            raise ValueError("must be a Kubernetes quantity such as 640Gi")
-        return v
-
-    @property
-    def memory_gib(self) -> float:
-        m = _QUANTITY.match(self.memory)
-        assert m
-        scale = {"Ki": 1 / 1024**2, "Mi": 1 / 1024, "Gi": 1, "Ti": 1024, None: 1 / 1024**3}
-        return float(m[1]) * scale[m[3]]
-
-
 class Namespace(Spec):
     name: str = Field(description="Kubernetes namespace (a DNS label).")
     purpose: str = Field(default="", description="What runs there.")
     quota: Quota | None = Field(default=None, description="ResourceQuota of the namespace.")
     default_priority_class: str | None = Field(default=None,
                                                description="Priority class of its workloads.")
+    priority_classes: list[str] = Field(default_factory=list, description=(
+        "Priority classes its pods may use besides the default (a quota scope refuses others)."))
+
+    @property
+    def allowed_priority_classes(self) -> list[str]:
+        """The default class first, then the others the namespace may use."""
+        first = [self.default_priority_class] if self.default_priority_class else []
+        return first + [c for c in self.priority_classes if c not in first]
 
     @field_validator("name")
     @classmethod
@@ -381,11 +385,22 @@ class Catalog(Spec):
                 raise ValueError(f"pools[{i}].namespace: {pool.namespace!r} is not a namespace"
                                  f"{did_you_mean(pool.namespace, namespaces)}; valid: "
                                  f"{', '.join(sorted(namespaces))}")
+        gpu_resources = sorted({p.kubernetes_resource for p in self.gpu_pools
+                                if p.kubernetes_resource})
         for i, ns in enumerate(self.namespaces):
-            if ns.default_priority_class and classes and ns.default_priority_class not in classes:
-                raise ValueError(f"namespaces[{i}].default_priority_class: "
-                                 f"{ns.default_priority_class!r} is not a priority class; valid: "
-                                 f"{', '.join(sorted(classes))}")
+            named = [("default_priority_class", ns.default_priority_class)] if (
+                ns.default_priority_class) else []
+            named += [(f"priority_classes[{j}]", c) for j, c in enumerate(ns.priority_classes)]
+            for where, name in named:
+                if classes and name not in classes:
+                    raise ValueError(f"namespaces[{i}].{where}: {name!r} is not a priority class"
+                                     f"{did_you_mean(name, classes)}; valid: "
+                                     f"{', '.join(sorted(classes))}")
+            for res in (ns.quota.gpus if ns.quota else {}):
+                if res not in gpu_resources:
+                    raise ValueError(f"namespaces[{i}].quota.gpus: {res!r} is not a GPU resource "
+                                     f"of the catalog's pools{did_you_mean(res, gpu_resources)}; "
+                                     f"valid: {', '.join(gpu_resources) or 'none (no GPU pool)'}")
         return self
 
     @cached_property

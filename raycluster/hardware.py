@@ -58,6 +58,15 @@ class InstanceType(Spec):
     memory_gib: int = Field(gt=0, description="Memory of one node, GiB.")
     gpus: int = Field(default=0, ge=0, description="Physical GPUs of one node.")
     gpu_model: str | None = Field(default=None, description="GPU model (a name in gpu_models).")
+    max_pods: int = Field(gt=0, description="Pods one node holds: the VPC CNI's ENI limit "
+                                            "(the EKS AMI's eni-max-pods.txt).")
+    efa_interfaces: int = Field(default=0, ge=0, description="Elastic Fabric Adapter "
+                                                             "interfaces the type takes (0: no "
+                                                             "EFA).")
+
+    @property
+    def efa(self) -> bool:
+        return self.efa_interfaces > 0
 
 
 class Hardware(Spec):

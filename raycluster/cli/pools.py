@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from raycluster.capacity import MESH_PROXY_CPU_M, MESH_PROXY_MEMORY_MI, pool_budgets
 from raycluster.catalog import load_catalog
 from raycluster.cli.common import CatalogOpt, JsonOpt, console
 
@@ -25,11 +26,15 @@ def pools_check(file: Path = typer.Argument(..., help="Pools file to validate.")
 
 @pools_app.command("show")
 def pools_show(catalog_file: CatalogOpt = None, as_json: JsonOpt = False) -> None:
-    """The pools with their derived capacity."""
+    """The pools with their derived capacity: per node, the workers that fit after
+    kube-reserved, the eviction threshold, the DaemonSets and each pod's Linkerd proxy, the
+    resource that runs out first, and the GPU units no worker can take (stranded)."""
     catalog = load_catalog(catalog_file)
     rows = []
     for p in catalog.pools:
         model = p.gpu_model
+        fit = p.fit
+        free = min((b.free for b in pool_budgets(p)), key=lambda r: (r.cpu_m, r.memory_mi))
         rows.append({
             "pool": p.name,
             "instance_types": p.instance_types,
@@ -45,20 +50,39 @@ def pools_show(catalog_file: CatalogOpt = None, as_json: JsonOpt = False) -> Non
             "nodes": f"{p.min_nodes}-{p.max_nodes}",
             "capacity_type": p.capacity_type.value,
             "priority_class": p.priority_class,
+            "efa": p.efa,
+            "worker": {"gpu_units": p.worker.gpu_units, "cpus": p.worker.cpus,
+                       "memory_gib": p.worker.memory_gib},
+            "free_per_node": {"cpus": free.cpu_m / 1000,
+                              "memory_gib": round(free.memory_mi / 1024, 1), "pods": free.pods},
+            "workers_per_node": fit.workers,
+            "workers_per_node_by": fit.limits,
+            "binds": fit.binding,
+            "stranded_units_per_node": fit.stranded_units,
+            "max_workers": p.max_workers,
         })
     if as_json:
         print(json.dumps(rows, indent=2))
         return
     table = Table(title="rayplane pools")
-    for col in ("pool", "instance", "GPU", "sharing", "units/node", "GB/unit",
-                "k8s resource", "Ray resource/worker", "nodes", "capacity", "priority"):
+    for col in ("pool", "instance", "GPU", "sharing", "units/node", "k8s resource", "worker",
+                "free/node", "workers/node", "binds", "stranded", "nodes"):
         table.add_column(col)
     for r in rows:
         table.add_row(r["pool"], ",".join(r["instance_types"]),
                       f"{r['gpus_per_node']}x {r['gpu_model']}" if r["gpu_model"] else "-",
                       r["sharing"], str(r["gpu_units_per_node"]),
-                      f"{r['memory_per_unit_gb']:g}" if r["gpu_model"] else "-",
-                      r["kubernetes_resource"] or "-",
-                      json.dumps(r["ray_resources_per_worker"]), r["nodes"],
-                      r["capacity_type"], r["priority_class"])
+                      r["kubernetes_resource"] or "-", _shape(r["worker"]),
+                      _shape(r["free_per_node"]), str(r["workers_per_node"]), r["binds"],
+                      str(r["stranded_units_per_node"]) if r["gpu_model"] else "-",
+                      r["nodes"])
     console.print(table)
+    console.print("free/node: allocatable after kube-reserved and eviction, minus the "
+                  "DaemonSets (raycluster/capacity.py); each worker also carries the Linkerd "
+                  f"proxy ({MESH_PROXY_CPU_M}m, {MESH_PROXY_MEMORY_MI}Mi). stranded: GPU units "
+                  "per node that no worker can take.")
+
+
+def _shape(r: dict) -> str:
+    units = f"{r['gpu_units']}u " if r.get("gpu_units") else ""
+    return f"{units}{r['cpus']:.3g} CPU {r['memory_gib']:.0f}Gi"

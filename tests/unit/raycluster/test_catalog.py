@@ -44,8 +44,9 @@ def test_seed_catalog_has_the_four_pools_of_the_design():
         "research": 100, "development": 50}
     quotas = {ns.name: ns.quota for ns in catalog.namespaces if ns.quota}
     assert (quotas["training"].gpus, quotas["training"].cpus, quotas["training"].memory) == (
-        20, 160, "640Gi")
-    assert quotas["mlops"].gpus == 0 and quotas["mlops"].memory == "64Gi"
+        {"nvidia.com/gpu": 32}, 192, "1536Gi")
+    assert quotas["inference"].gpus == {"nvidia.com/mig-3g.40gb": 10}
+    assert quotas["mlops"].gpus == {} and quotas["mlops"].memory == "64Gi"
 
 
 def test_derived_capacity_time_slicing():
@@ -152,6 +153,28 @@ def test_renamed_field_names_its_replacement(seed):
 def test_worker_larger_than_a_node(seed):
     pool_doc(seed, "a100-mig")["worker"]["gpu_units"] = 17
     assert "worker.gpu_units: 17 is more than a node of the pool holds (16 units" in refused(seed)
+
+
+def test_worker_that_fits_the_instance_but_not_its_allocatable(seed):
+    # 96 vCPUs on a p4de.24xlarge, ~95.2 left once the kubelet and the DaemonSets have theirs
+    pool_doc(seed, "a100-mig")["worker"]["cpus"] = 96
+    msg = refused(seed)
+    assert msg.startswith("pools.yaml: pools[2]") and "worker.cpus: 96 CPUs" in msg
+    assert "p4de.24xlarge node of pool 'a100-mig'" in msg and "95.165 CPUs are left" in msg
+
+
+def test_efa_needs_an_instance_type_with_efa(seed):
+    assert {p.name for p in load_catalog().pools if p.efa} == {"a100-timeslice",
+                                                               "h100-timeslice"}
+    pool_doc(seed, "cpu")["efa"] = True
+    assert "efa: true but instance type m6i.4xlarge has no EFA support" in refused(seed)
+
+
+def test_namespace_priority_classes_must_exist(seed):
+    seed["namespaces"][0]["priority_classes"] = ["reserch"]
+    msg = refused(seed)
+    assert "namespaces[0].priority_classes[0]: 'reserch' is not a priority class" in msg
+    assert "did you mean 'research'?" in msg
 
 
 def test_unknown_priority_class(seed):

@@ -76,7 +76,10 @@ OTHER = {
     ("priority_classes", "name"): NAME, ("priority_classes", "value"): st.integers(-1, 2 * 10**9),
     ("namespaces", "name"): NAME,
     ("namespaces", "quota"): st.fixed_dictionaries({
-        "cpus": st.integers(-1, 500), "gpus": st.integers(-1, 50),
+        "cpus": st.integers(-1, 500),
+        "gpus": st.one_of(st.integers(-1, 50), st.dictionaries(
+            st.sampled_from(["nvidia.com/gpu", "nvidia.com/mig-3g.40gb", "nvidia.com/mig-1g.5gb"]),
+            st.integers(-1, 50), max_size=2)),
         "memory": st.sampled_from(["640Gi", "1Ti", "12", "lots", "0.5Gi", "512Mi"])}),
 }
 
@@ -179,11 +182,13 @@ def test_a_catalog_is_refused_naming_the_field_or_renders_valid_objects(case, cr
         assert_names_the_field(err, changed)
         return
     try:  # Terraform refuses some pools the catalog takes (max_nodes 0): named, one line
-        tfvars = render_tfvars(catalog)["node_pools"]
+        tfvars = render_tfvars(catalog)
     except SpecError as err:
         assert_names_the_field(err, changed)
         return
-    assert sorted(tfvars) == sorted(p.name for p in catalog.pools)
+    # managed node groups (pools without GPUs) and Karpenter pools (GPU pools) together
+    assert sorted([*tfvars["node_pools"], *tfvars.get("karpenter_pools", {})]) == sorted(
+        p.name for p in catalog.pools)
     for obj in [*render_gpu_operator(catalog, ENV), *render_namespaces(catalog, ENV),
                 *render_priority_classes(catalog), *render_resource_quotas(catalog)]:
         assert_valid(obj, crds)

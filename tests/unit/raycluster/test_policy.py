@@ -40,17 +40,21 @@ def test_priority_classes_are_the_designs(catalog):
 
 def test_quotas_count_gpus_in_each_pools_resource_name(catalog):
     quotas = {q["metadata"]["namespace"]: q["spec"]["hard"]
-              for q in render_resource_quotas(catalog)}
+              for q in render_resource_quotas(catalog)
+              if q["metadata"]["name"] == "rayplane-quota"}
     assert set(quotas) == {"training", "inference", "agentic", "mlops"}
     gpu_names = {p.kubernetes_resource for p in catalog.gpu_pools}
     assert gpu_names == {"nvidia.com/gpu", "nvidia.com/mig-3g.40gb"}
-    expected = {"training": (20, "160", "640Gi"), "inference": (10, "80", "800Gi"),
-                "agentic": (8, "64", "320Gi"), "mlops": (0, "32", "64Gi")}
+    # each resource name on its own, as the quota admission counts them
+    expected = {"training": ({"nvidia.com/gpu": 32}, "192", "1536Gi"),
+                "inference": ({"nvidia.com/mig-3g.40gb": 10}, "80", "800Gi"),
+                "agentic": ({"nvidia.com/mig-3g.40gb": 6}, "64", "320Gi"),
+                "mlops": ({}, "32", "64Gi")}
     for ns, (gpus, cpus, memory) in expected.items():
         hard = quotas[ns]
         assert hard["requests.cpu"] == cpus and hard["requests.memory"] == memory
         for name in gpu_names:
-            assert hard[f"requests.{name}"] == str(gpus)
+            assert hard[f"requests.{name}"] == str(gpus.get(name, 0)), (ns, name)
 
 
 def test_limit_ranges_give_defaults_within_the_quota(catalog):
@@ -134,9 +138,10 @@ def test_egress_to_the_vpc_is_limited_to_storage_ports(catalog, env):
                     assert ports <= {2049, 6379, 5432, 9100, 10250}
 
 
-def test_disruption_budgets_protect_heads_and_serve_replicas():
+def test_disruption_budgets_let_drains_through_one_pod_at_a_time():
+    # maxUnavailable 0 on the one head made every drain of the cpu pool hang (issue 15)
     head = render_head_pdb("agents", "agentic")
-    assert head["spec"]["maxUnavailable"] == 0
+    assert head["spec"]["maxUnavailable"] == 1
     assert head["spec"]["selector"]["matchLabels"] == {"rayplane.io/cluster": "agents",
                                                        "rayplane.io/node-type": "head"}
     serve = render_serve_pdb("openai", "inference")
@@ -163,3 +168,51 @@ def test_pdb_selectors_match_the_pods_rendered(catalog, env):
         ns = pdb["metadata"]["namespace"]
         assert any(n == ns and want.items() <= labels.items() for n, labels in templates), \
             pdb["metadata"]["name"]
+
+
+def test_gateway_proxies_reach_serve_and_are_reached_by_the_load_balancer(catalog, env):
+    """With a Gateway class, each RayService's Gateway proxy pods (Istio's, in the service's
+    namespace) take HTTP 80 from the internal load balancer and, in inference, from the
+    agents; forward to the Serve pods on 8000; fetch config from istiod. Default deny would
+    drop all of it."""
+    assert env.serving and env.serving.gateway_class
+    policies = {(p["metadata"]["namespace"], p["metadata"]["name"]): p["spec"]
+                for p in render_network_policies(catalog, env)}
+    gateway_pods = {"matchExpressions": [{"key": "gateway.networking.k8s.io/gateway-name",
+                                          "operator": "Exists"}]}
+    for ns in ("inference", "agentic"):
+        gw = policies[(ns, "allow-gateway")]
+        assert gw["podSelector"] == gateway_pods
+        http = next(r for r in gw["ingress"] if r["ports"] == [{"protocol": "TCP", "port": 80}])
+        cidrs = {p["ipBlock"]["cidr"] for p in http["from"] if "ipBlock" in p}
+        assert cidrs == set(env.serve_ingress_cidrs)
+        from_agents = any(p.get("namespaceSelector", {}).get("matchLabels", {}).get(
+            "kubernetes.io/metadata.name") == "agentic" for p in http["from"])
+        assert from_agents == (ns == "inference")
+        assert any(r["ports"] == [{"protocol": "TCP", "port": 15021}] for r in gw["ingress"])
+        egress_ports = {p["port"] for r in gw["egress"] for p in r["ports"]}
+        assert egress_ports == {8000, 15012}
+        serve = policies[(ns, "allow-serve-ingress")]["ingress"][0]
+        assert {"podSelector": gateway_pods} in serve["from"]
+    model = policies[("agentic", "allow-model-egress")]["egress"]
+    assert any(r["ports"] == [{"protocol": "TCP", "port": 80}]
+               and r["to"][0]["podSelector"] == gateway_pods for r in model)
+    # no Gateway class: no gateway policy
+    plain = env.model_copy(update={"serving": None})
+    assert not [p for p in render_network_policies(catalog, plain)
+                if p["metadata"]["name"] == "allow-gateway"]
+
+
+def test_a_priority_class_the_namespace_may_not_use_is_refused_at_render(catalog):
+    import pytest
+
+    from raycluster.policy import check_priority_class
+    from raycluster.spec import SpecError
+
+    check_priority_class(catalog, "research", "clusters[1].priority_class", "training")
+    with pytest.raises(SpecError) as err:
+        check_priority_class(catalog, "production-inference", "clusters[1].priority_class",
+                             "training")
+    assert str(err.value).startswith("clusters[1].priority_class: 'production-inference' is "
+                                     "not allowed in namespace 'training'")
+    assert "valid: training, research, development" in str(err.value)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from raycluster.catalog import load_catalog
 from train import fit, tune
 
 REPO = Path(__file__).resolve().parents[3]
@@ -38,8 +39,10 @@ def test_more_workers_than_the_pool_holds(capsys, tmp_path):
                                     "--set", "num_workers=500",
                                     "--set", f"storage_path={tmp_path}"], capsys)
     assert code == 2
-    assert one_line(err).startswith("error: num_workers: 500 is more than pool "
-                                    "'h100-timeslice' can hold (42 = ")
+    pool = load_catalog().pool("h100-timeslice")
+    assert one_line(err).startswith(
+        "error: num_workers: 500 is more than pool 'h100-timeslice' can hold "
+        f"({pool.max_workers} = {pool.workers_per_node} workers per node x {pool.max_nodes} nodes)")
 
 
 def test_missing_data_path(capsys, tmp_path):
