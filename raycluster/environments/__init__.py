@@ -13,8 +13,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from raycluster.environments.serving import Serving
 from raycluster.spec import Spec, SpecError, did_you_mean
 
 ENVIRONMENTS_DIR = Path(__file__).parent
@@ -67,6 +68,17 @@ class GitOps(Spec):
     revision: str = Field(default="main", description="Branch, tag or commit to sync.")
     path: str = Field(default="infra/k8s", description="Folder of rendered manifests.")
     argocd_namespace: str = Field(default="argocd", description="Namespace of Argo CD.")
+
+
+class AddOns(Spec):
+    """What the add-ons Argo CD installs (infra/helm/charts.yaml) need from Terraform's outputs
+    that the rendered objects name."""
+
+    mlflow_db_secret: str | None = Field(
+        default=None,
+        description="The secret RDS manages for MLflow's database (Terraform output "
+                    "mlflow_db_secret_arn): the ExternalSecret `mlflow-db` that MLflow's chart "
+                    "reads copies its username and password.")
 
 
 class WorkerGroupSpec(Spec):
@@ -160,9 +172,11 @@ class _ServeClusterSpec(Spec):
                                                        "config's name).")
     gcs_fault_tolerance: bool = Field(default=True, description="GCS FT with the external Redis "
                                                                 "(a restarted head keeps apps).")
-    upgrade_strategy: str = Field(default="NewCluster",
-                                  description="KubeRay upgrade strategy: NewCluster (blue-green, "
-                                              "zero downtime) or None.")
+    upgrade_strategy: str | None = Field(
+        default=None,
+        description="KubeRay upgrade strategy. Default: NewClusterWithIncrementalUpgrade where "
+                    "the environment names a Gateway class (serving.gateway_class), else "
+                    "NewCluster (blue-green at twice the GPUs); None: no cluster upgrades.")
     serve_proxy: str = Field(default="haproxy",
                              description="Serve's HTTP ingress on every pod: haproxy (Ray Serve's "
                                          "RAY_SERVE_ENABLE_HA_PROXY, straight to the ingress "
@@ -178,7 +192,9 @@ class _ServeClusterSpec(Spec):
 
     @field_validator("upgrade_strategy")
     @classmethod
-    def _strategy(cls, v: str) -> str:
+    def _strategy(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         valid = ("NewCluster", "NewClusterWithIncrementalUpgrade", "None")
         if v not in valid:
             raise ValueError(f"must be one of {', '.join(valid)}{did_you_mean(v, valid)}")
@@ -264,8 +280,13 @@ class Environment(Spec):
     irsa_role_arns: dict[str, str] = Field(
         description="IAM role (IRSA) of the `ray` service account per namespace: S3 access "
                     "(Terraform output workload_role_arns[\"ray\"]).")
-    redis_address: str = Field(description="host:port of the Redis (ElastiCache) for GCS fault "
-                                           "tolerance.")
+    redis_address: str = Field(description="rediss://host:port of the Redis (ElastiCache, TLS "
+                                           "only) for GCS fault tolerance.")
+    redis_ca_bundle: str | None = Field(
+        default=None, validate_default=True,
+        description="PEM file, relative to the repository root, of the CAs that sign the Redis "
+                    "server certificate; mounted on every head with GCS fault tolerance as "
+                    "RAY_REDIS_CA_CERT. ElastiCache: raycluster/kuberay/amazon-root-cas.pem.")
     secrets_manager_prefix: str = Field(description="Prefix of this environment's secrets in "
                                                     "AWS Secrets Manager.")
     mlflow_tracking_uri: str = Field(default="http://mlflow.mlops.svc.cluster.local:5000",
@@ -282,6 +303,12 @@ class Environment(Spec):
                                                       "container toolkit, so the GPU Operator "
                                                       "leaves them alone.")
     gitops: GitOps = Field(description="Argo CD Application settings.")
+    serving: Serving | None = Field(
+        default=None,
+        description="The Serve endpoints' internal TLS load balancer and upgrade path "
+                    "(unset: endpoints reachable in the cluster only, NewCluster upgrades).")
+    addons: AddOns = Field(default_factory=AddOns,
+                           description="What the add-ons need from Terraform (infra/helm).")
     clusters: list[ClusterSpec] = Field(default_factory=list, description="RayClusters.")
     jobs: list[RayJobSpec] = Field(default_factory=list, description="RayJobs.")
     services: list[RayServiceSpec] = Field(default_factory=list, description="RayServices.")
@@ -315,10 +342,23 @@ class Environment(Spec):
     @field_validator("redis_address")
     @classmethod
     def _host_port(cls, v: str) -> str:
-        # rediss:// makes Ray's GCS speak TLS, which the Terraform-made ElastiCache requires.
-        if not re.fullmatch(r"(rediss?://)?[\w.-]+:\d{1,5}", v):
-            raise ValueError("must be [rediss://]host:port, e.g. "
-                             "rediss://rayplane-gcs.abc123.cache.amazonaws.com:6379")
+        # The Terraform-made ElastiCache accepts TLS only (transit encryption): a plain
+        # redis:// or bare host:port address would never connect.
+        if not re.fullmatch(r"rediss://[\w.-]+:\d{1,5}", v):
+            raise ValueError("must be rediss://host:port (the ElastiCache accepts TLS only), "
+                             "e.g. rediss://rayplane-gcs.abc123.cache.amazonaws.com:6379")
+        return v
+
+    @field_validator("redis_ca_bundle")
+    @classmethod
+    def _ca_bundle(cls, v: str | None, info: ValidationInfo) -> str | None:
+        # Without a CA, Ray's GCS fails its TLS handshake (CERTIFICATE_VERIFY_FAILED).
+        if v is None and str(info.data.get("redis_address", "")).startswith("rediss://"):
+            raise ValueError("required with a rediss:// redis_address: the PEM CAs that sign "
+                             "the Redis certificate (ElastiCache: "
+                             "raycluster/kuberay/amazon-root-cas.pem)")
+        if v is not None and (v.startswith("/") or not v.endswith(".pem")):
+            raise ValueError("must be a .pem file relative to the repository root")
         return v
 
     @model_validator(mode="after")
@@ -356,6 +396,6 @@ def load_environment(name_or_path: str | Path) -> Environment:
     return Environment.from_file(path)
 
 
-__all__ = ["AgentsDatabase", "AgentsServiceSpec", "ClusterSpec", "Environment", "GitOps",
-           "HeadSpec", "Images", "RayCronJobSpec", "RayJobSpec", "RayServiceSpec", "Storage",
-           "WorkerGroupSpec", "environment_names", "load_environment"]
+__all__ = ["AddOns", "AgentsDatabase", "AgentsServiceSpec", "ClusterSpec", "Environment", "GitOps",
+           "HeadSpec", "Images", "RayCronJobSpec", "RayJobSpec", "RayServiceSpec", "Serving",
+           "Storage", "WorkerGroupSpec", "environment_names", "load_environment"]

@@ -1,5 +1,6 @@
 """KubeRay custom resources (``ray.io/v1``, KubeRay 1.7) rendered from the catalog: RayCluster,
-RayJob (a training config), RayService (a serve config) and RayCronJob.
+RayJob (a training config), RayService (a serve config) and RayCronJob, and what serving them
+in production takes (``serving``: Redis TLS, upgrades through a Gateway, the TLS load balancer).
 
 Every worker group is a pool of the catalog: its node selector, tolerations, GPU resource name
 (``nvidia.com/gpu`` or ``nvidia.com/mig-3g.40gb``), ``num-gpus`` and the pool's custom resource
@@ -13,7 +14,8 @@ Pure functions: specs in, dicts out. Only ``raycluster.render.apply_objects`` ta
 Modules: ``sizing`` (what a worker group's pods ask and how many: from a worker group spec, a
 training config or a serve config), ``pods`` (containers, volumes, the head and worker group
 specs, the submitter pod, Secrets as env variables or files), ``objects`` (the RayCluster,
-RayJob, RayCronJob and RayService objects) and ``agents`` (the agents app's RayService).
+RayJob, RayCronJob and RayService objects), ``agents`` (the agents app's RayService) and
+``serving`` (Redis TLS on the heads, upgrade strategies, Gateways and TLS load balancers).
 """
 
 from raycluster.kuberay.agents import (
@@ -43,6 +45,7 @@ from raycluster.kuberay.pods import (
     SERVICE_ACCOUNT,
     SHARED_CLAIM,
 )
+from raycluster.kuberay.serving import render_serving
 from raycluster.kuberay.sizing import (
     GroupShape,
     check_worker_fits_pool,
@@ -74,6 +77,7 @@ __all__ = [
     "render_raycronjob",
     "render_rayjob",
     "render_rayservice",
+    "render_serving",
     "resolve_group",
     "serve_config_yaml",
     "serve_groups",

@@ -123,7 +123,7 @@ def render_agents_service(catalog: Catalog, env: Environment, svc: AgentsService
     cfield = f"{field}.config({svc.config})"
     if config.model.base_url is None:
         raise SpecError(f"{cfield}.model.base_url: required on Kubernetes (pods have no "
-                        "platform endpoint to default to), e.g. http://openai-serve-svc."
+                        "platform endpoint to default to), e.g. http://openai-gateway-svc."
                         "inference.svc.cluster.local:8000/v1", field=f"{cfield}.model.base_url")
     if config.api_keys is None:
         raise SpecError(f"{cfield}.allow_unauthenticated: an agents app on Kubernetes needs "
@@ -146,7 +146,7 @@ def render_agents_service(catalog: Catalog, env: Environment, svc: AgentsService
     # go where they are read.
     for group in cluster["workerGroupSpecs"]:
         wire_secrets(config, group["template"])
-    return rayservice_object(svc, name, cluster, rendered)
+    return rayservice_object(env, svc, name, cluster, rendered, field=field)
 
 
 __all__ = ["AGENTS_DB_SECRET", "AGENTS_DB_SECRET_KEY", "MODEL_KEY_SECRET",

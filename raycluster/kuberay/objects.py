@@ -26,6 +26,12 @@ from raycluster.kuberay.pods import (
     tenant_key_wiring,
     worker_group_spec,
 )
+from raycluster.kuberay.serving import (
+    INCREMENTAL,
+    serve_service,
+    upgrade_strategy,
+    wire_redis_tls,
+)
 from raycluster.kuberay.sizing import GroupShape, resolve_group, serve_groups, training_group
 from raycluster.policy import (
     CLUSTER_LABEL,
@@ -49,7 +55,8 @@ def ray_cluster_spec(catalog: Catalog, env: Environment, *, cluster: str, namesp
                      serve: bool = False, field: str) -> dict:
     """The ``RayClusterSpec`` shared by RayCluster, RayJob and RayService."""
     check_namespace(catalog, namespace, f"{field}.namespace")
-    check_priority_class(catalog, priority_class, f"{field}.priority_class")
+    # With the namespace: a class it may not use would have every pod refused by its quota.
+    check_priority_class(catalog, priority_class, f"{field}.priority_class", namespace)
     names = set()
     for i, shape in enumerate(groups):
         gfield = f"{field}.worker_groups[{i}]"
@@ -57,8 +64,10 @@ def ray_cluster_spec(catalog: Catalog, env: Environment, *, cluster: str, namesp
             raise SpecError(f"{gfield}.name: {shape.name!r} is used by another group of the "
                             "cluster; name one of them", field=f"{gfield}.name")
         names.add(shape.name)
+        # Quotas count each GPU resource name on its own: the pool's name is the one asked.
         check_fits_quota(catalog, namespace, cpus=shape.cpus, memory_gib=shape.memory_gib,
-                         gpu_units=shape.gpu_units, field=gfield)
+                         gpu_units=shape.gpu_units, field=gfield,
+                         resource=shape.pool.kubernetes_resource)
     spec: dict[str, Any] = {
         "rayVersion": env.ray_version,
         "enableInTreeAutoscaling": True,
@@ -86,6 +95,7 @@ def ray_cluster_spec(catalog: Catalog, env: Environment, *, cluster: str, namesp
             "redisPassword": {"valueFrom": {"secretKeyRef": {"name": REDIS_SECRET,
                                                              "key": "password"}}},
         }
+        wire_redis_tls(env, spec["headGroupSpec"]["template"])
     return spec
 
 
@@ -205,14 +215,15 @@ def render_rayservice(catalog: Catalog, env: Environment, svc: RayServiceSpec,
                      *(g["template"] for g in cluster["workerGroupSpecs"])]:
         api_key_wiring(serve_cfg.api_keys, template)
         tenant_key_wiring(serve_cfg.tenants, template, cfield)
-    return rayservice_object(svc, name, cluster, serve_config)
+    return rayservice_object(env, svc, name, cluster, serve_config, field=field)
 
 
-def rayservice_object(svc: RayServiceSpec | AgentsServiceSpec, name: str, cluster: dict,
-                      serve_config: dict) -> dict:
+def rayservice_object(env: Environment, svc: RayServiceSpec | AgentsServiceSpec, name: str,
+                      cluster: dict, serve_config: dict, *, field: str) -> dict:
     """The RayService ``name`` running ``serve_config`` on ``cluster`` (a ``RayClusterSpec``
     whose pods already carry what the apps read): the Serve ingress the environment asks
-    for and the proxy's port on every pod."""
+    for, the proxy's port on every pod, the upgrade strategy and, where the environment has
+    a load balancer, the Serve Service as that load balancer (``raycluster.kuberay.serving``)."""
     port = int(serve_config.get("http_options", {}).get("port", SERVE_PORT))
     for template in [cluster["headGroupSpec"]["template"],
                      *(g["template"] for g in cluster["workerGroupSpecs"])]:
@@ -224,16 +235,22 @@ def rayservice_object(svc: RayServiceSpec | AgentsServiceSpec, name: str, cluste
         for p in template["spec"]["containers"][0]["ports"]:
             if p["name"] == "serve":
                 p["containerPort"] = port
+    strategy = upgrade_strategy(env, svc, cluster, field=field)
+    spec: dict[str, Any] = {
+        "serveConfigV2": serve_config_yaml(serve_config),
+        "upgradeStrategy": strategy,
+        # The head runs no replicas (num-cpus 0): keep it out of the Serve Service.
+        "excludeHeadPodFromServeSvc": True,
+        "rayClusterConfig": cluster,
+    }
+    if env.serving is not None and strategy["type"] != INCREMENTAL:
+        # KubeRay ignores serveService with incremental upgrades (clients enter through the
+        # Gateway; its load balancer is rendered beside the RayService).
+        spec["serveService"] = serve_service(env, port)
     return {
         "apiVersion": API_VERSION, "kind": "RayService",
         "metadata": meta(name, svc.namespace, labels={CLUSTER_LABEL: name}),
-        "spec": {
-            "serveConfigV2": serve_config_yaml(serve_config),
-            "upgradeStrategy": {"type": svc.upgrade_strategy},
-            # The head runs no replicas (num-cpus 0): keep it out of the Serve Service.
-            "excludeHeadPodFromServeSvc": True,
-            "rayClusterConfig": cluster,
-        },
+        "spec": spec,
     }
 
 

@@ -47,6 +47,19 @@ SERVICE_ACCOUNT = "ray"
 #: PersistentVolumeClaim of the shared EFS volume (datasets, checkpoints) in each namespace.
 SHARED_CLAIM = "rayplane-shared"
 HOME = "/home/ray"
+#: Where GPU pods' compilers and model libraries cache, all under the writable ``~/.cache``
+#: mount (the root filesystem is read-only): Triton's kernel cache defaults to ``~/.triton``
+#: and CUDA's JIT cache to ``~/.nv``, both on the read-only root, so vLLM's first
+#: torch.compile / Triton kernel build would fail there.
+GPU_CACHE_ENV = {
+    "XDG_CACHE_HOME": f"{HOME}/.cache",
+    "TRITON_HOME": f"{HOME}/.cache",
+    "TRITON_CACHE_DIR": f"{HOME}/.cache/triton",
+    "VLLM_CACHE_ROOT": f"{HOME}/.cache/vllm",
+    "HF_HOME": f"{HOME}/.cache/huggingface",
+    "TORCHINDUCTOR_CACHE_DIR": f"{HOME}/.cache/torchinductor",
+    "CUDA_CACHE_PATH": f"{HOME}/.cache/nv/ComputeCache",
+}
 #: What the head's Ray dashboard embeds its metrics from: Grafana and Prometheus of
 #: kube-prometheus-stack (release `kube-prometheus-stack` in `monitoring`, infra/helm/
 #: charts.yaml; its Services are <release>-grafana and <release>-prometheus). The iframe host
@@ -112,6 +125,7 @@ def _env_vars(env: Environment, pool: Pool) -> list[dict]:
         out.append({"name": "RAYPLANE_GPU_MEMORY_GB", "value": f"{pool.memory_per_unit_gb:g}"})
         out.append({"name": "RAYPLANE_GPU_FRACTION",
                     "value": f"{pool.gpu_fraction_per_unit:.4f}"})
+        out.extend({"name": k, "value": v} for k, v in GPU_CACHE_ENV.items())
     return out
 
 
@@ -346,6 +360,7 @@ __all__ = [
     "API_KEYS_SECRET_KEY",
     "AUTH_SECRET",
     "AUTH_SECRET_KEY",
+    "GPU_CACHE_ENV",
     "HOME",
     "MONITORING_ENV",
     "REDIS_SECRET",

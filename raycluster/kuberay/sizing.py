@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from raycluster.capacity import misfit
 from raycluster.catalog import Catalog, Pool, SharingMode
 from raycluster.environments import WorkerGroupSpec
 from raycluster.spec import SpecError
@@ -59,7 +60,6 @@ def resolve_group(catalog: Catalog, group: WorkerGroupSpec, field: str) -> Group
 
 def check_worker_fits_pool(pool: Pool, *, gpu_units: int, cpus: int, memory_gib: int,
                            field: str) -> None:
-    node = pool.instance
     if pool.has_gpu and gpu_units > pool.gpu_units_per_node:
         raise SpecError(f"{field}.gpu_units: {gpu_units} is more than a node of pool "
                         f"{pool.name!r} holds ({pool.gpu_units_per_node} units on "
@@ -76,10 +76,11 @@ def check_worker_fits_pool(pool: Pool, *, gpu_units: int, cpus: int, memory_gib:
         raise SpecError(f"{field}.gpu_units: {gpu_units} time-slice replicas in one pod would "
                         f"share one GPU of pool {pool.name!r} (no more compute or memory); "
                         "valid: 1, or a whole-GPU pool", field=f"{field}.gpu_units")
-    if cpus > node.vcpus or memory_gib > node.memory_gib:
-        raise SpecError(f"{field}: {cpus} CPUs / {memory_gib} GiB do not fit a node of pool "
-                        f"{pool.name!r} ({node.vcpus} vCPUs / {node.memory_gib} GiB on "
-                        f"{pool.instance_types[0]})", field=field)
+    # What a node offers is its allocatable after kube-reserved, the eviction threshold, the
+    # DaemonSets and the pod's Linkerd proxy (raycluster.capacity), not its raw size.
+    bad = misfit(pool, gpu_units=gpu_units, cpus=cpus, memory_gib=memory_gib)
+    if bad:
+        raise SpecError(f"{field}.{bad[0]}: {bad[1]}", field=f"{field}.{bad[0]}")
 
 
 def training_group(catalog: Catalog, train_cfg: TrainConfig, *, field: str) -> GroupShape:

@@ -126,7 +126,7 @@ def test_the_shipped_configs_render(catalog, name):
     assert [a["name"] for a in applications(cfg, catalog)] == ["agents", "agents-mcp"]
     assert cfg.api_keys is not None and cfg.pool == "cpu"
     if name == "eks.yaml":
-        assert cfg.model.base_url == "http://openai-serve-svc.inference.svc.cluster.local:8000/v1"
+        assert cfg.model.base_url == "http://openai-gateway-svc.inference.svc.cluster.local:8000/v1"
         assert cfg.checkpointer.dsn_env == "RAYPLANE_AGENTS_DSN"
         assert cfg.api_keys.env == "RAYPLANE_API_KEYS"
     else:

@@ -41,7 +41,10 @@ def parse_resources(param: str) -> dict[str, float]:
 @pytest.mark.parametrize("pool_name", ["cpu", "a100-timeslice", "a100-mig", "h100-timeslice"])
 def test_a_worker_group_carries_its_pools_placement_and_resources(catalog, env, pool_name):
     pool = catalog.pool(pool_name)
-    obj = render_raycluster(catalog, env, cluster([{"pool": pool_name}]))
+    # Quotas count each GPU resource name on its own: MIG units are the inference
+    # namespace's, time-slice units the training namespace's.
+    ns = "inference" if pool_name == "a100-mig" else "training"
+    obj = render_raycluster(catalog, env, cluster([{"pool": pool_name}], namespace=ns))
     group, = obj["spec"]["workerGroupSpecs"]
     pod = group["template"]["spec"]
     container = pod["containers"][0]
@@ -137,12 +140,11 @@ def test_a_gpu_request_larger_than_a_node_of_the_pool(catalog, env):
 
 def test_a_group_sized_unlike_the_pools_worker_holds_what_its_shape_fits(catalog):
     pool = catalog.pool("cpu")
-    node = pool.instance
     cpus, memory = 1, max(1, pool.worker.memory_gib // 4)
     group = cluster([{"pool": "cpu", "cpus": cpus, "memory_gib": memory}]).worker_groups[0]
     shape = resolve_group(catalog, group, "clusters[0].worker_groups[0]")
-    per_node = min(node.vcpus // cpus, node.memory_gib // memory)
-    assert pool.workers_per_node_of(gpu_units=0, cpus=cpus, memory_gib=memory) == per_node
+    # What a node holds of this shape (its allocatable, raycluster/capacity.py).
+    per_node = pool.workers_per_node_of(gpu_units=0, cpus=cpus, memory_gib=memory)
     assert shape.max_replicas == per_node * pool.max_nodes
     assert per_node > pool.workers_per_node, "a smaller worker packs more pods on a node"
 
@@ -161,20 +163,23 @@ def test_gpu_units_on_the_cpu_pool(catalog, env):
 
 
 def test_a_quota_smaller_than_one_worker(catalog, env):
-    # mlops has no GPU quota: a GPU worker there could never be admitted.
+    # inference's GPU quota is MIG units only, and quotas count each GPU resource name on its
+    # own: a time-slice worker (nvidia.com/gpu) there could never be admitted.
     with pytest.raises(SpecError) as err:
-        render_raycluster(catalog, env, cluster([{"pool": "h100-timeslice"}], namespace="mlops"),
-                          field="clusters[2]")
+        render_raycluster(catalog, env, cluster([{"pool": "h100-timeslice"}],
+                                                namespace="inference"), field="clusters[2]")
     msg = str(err.value)
-    assert msg.startswith("clusters[2].worker_groups[0]: one worker needs 1 GPU units")
-    assert "namespaces[3].quota.gpus" in msg
+    assert msg.startswith("clusters[2].worker_groups[0]: one worker needs 1 ")
+    assert "nvidia.com/gpu" in msg
+    assert "namespaces[1].quota.gpus" in msg
     # A namespace whose CPU quota is below one worker's CPUs.
     data = yaml.safe_load((REPO / "raycluster/data/pools.yaml").read_text())
     data["namespaces"][0]["quota"]["cpus"] = 6
     small = Catalog.parse(data)
     with pytest.raises(SpecError) as err:
         render_raycluster(small, env, cluster([{"pool": "h100-timeslice"}]), field="clusters[0]")
-    assert "clusters[0].worker_groups[0]: one worker needs 8 CPUs" in str(err.value)
+    cpus = catalog.pool("h100-timeslice").worker.cpus
+    assert f"clusters[0].worker_groups[0]: one worker needs {cpus} CPUs" in str(err.value)
     assert "namespaces[0].quota.cpus) is 6" in str(err.value)
 
 
@@ -204,7 +209,9 @@ def test_the_rayservice_carries_the_serve_config_unchanged(catalog, env, serve_c
     obj = render_rayservice(catalog, env, svc, serve_cfg, serve_config)
     # The same document `serve deploy` takes locally.
     assert yaml.safe_load(obj["spec"]["serveConfigV2"]) == to_serve_config(serve_cfg, catalog)
-    assert obj["spec"]["upgradeStrategy"] == {"type": "NewCluster"}
+    # The production cluster has the Gateway API: upgrades shift traffic step by step
+    # (tests/unit/raycluster/test_serving_production.py).
+    assert obj["spec"]["upgradeStrategy"]["type"] == "NewClusterWithIncrementalUpgrade"
     cluster_spec = obj["spec"]["rayClusterConfig"]
     assert cluster_spec["gcsFaultToleranceOptions"]["redisAddress"] == env.redis_address
     groups = {g["groupName"]: g for g in cluster_spec["workerGroupSpecs"]}

