@@ -1,5 +1,8 @@
 """The NVIDIA GPU Operator's configuration, rendered from the catalog: the device plugin's
-time-slicing ConfigMap, the MIG manager's layouts, and the ClusterPolicy that points at them.
+time-slicing ConfigMap and the MIG manager's layouts. The ClusterPolicy that points at them is
+the chart's (infra/helm/gpu-operator/values.yaml): the chart always renders ``cluster-policy``, so
+rendering it here too gave the object two owners fighting over it (issue 15, finding 3);
+:func:`cluster_policy_spec` is what the chart's values must amount to, checked against the CRD.
 
 How a node gets its sharing: the node group (Terraform, from ``Pool.node_labels``) labels a
 time-slice node ``nvidia.com/device-plugin.config=time-slicing-3`` and a MIG node
@@ -96,8 +99,9 @@ def gpu_tolerations(catalog: Catalog) -> list[dict]:
 
 
 def cluster_policy_spec(catalog: Catalog, env: Environment) -> dict:
-    """The ClusterPolicy spec; ``infra/helm/gpu-operator/values.yaml`` carries the same
-    settings for the chart (a test checks they agree)."""
+    """The ClusterPolicy spec the platform needs; ``infra/helm/gpu-operator/values.yaml``
+    carries the same settings for the chart, which renders the object (a test checks they
+    agree)."""
     preinstalled = env.gpu_driver_preinstalled
     return {
         "operator": {"defaultRuntime": "containerd"},
@@ -127,15 +131,15 @@ def cluster_policy_spec(catalog: Catalog, env: Environment) -> dict:
 
 
 def render_cluster_policy(catalog: Catalog, env: Environment) -> dict:
-    # The chart names its ClusterPolicy cluster-policy; rendering the same name makes the
-    # platform's settings an explicit, server-side-applied object rather than chart defaults.
+    """The ClusterPolicy as the chart names it (``cluster-policy``) with the platform's spec:
+    what the tests hold the chart's values to. Not part of the rendered folder."""
     return {"apiVersion": "nvidia.com/v1", "kind": "ClusterPolicy",
             "metadata": meta("cluster-policy"), "spec": cluster_policy_spec(catalog, env)}
 
 
 def render_gpu_operator(catalog: Catalog, env: Environment) -> list[dict]:
-    return [render_device_plugin_config(catalog, env), render_mig_config(catalog, env),
-            render_cluster_policy(catalog, env)]
+    """What rayplane renders for the GPU Operator: the two ConfigMaps its ClusterPolicy names."""
+    return [render_device_plugin_config(catalog, env), render_mig_config(catalog, env)]
 
 
 __all__ = ["DEVICE_PLUGIN_CONFIG", "GPU_OPERATOR_VERSION", "MIG_PARTED_CONFIG",

@@ -33,6 +33,13 @@ STACK_RELEASE = "kube-prometheus-stack"
 STACK_NAMESPACE = "monitoring"
 #: The label and value the Grafana sidecar watches (infra/helm/kube-prometheus-stack).
 DASHBOARD_LABEL = "grafana_dashboard"
+#: Where kube-prometheus-stack's node-exporter runs (its values' prometheus-node-exporter
+#: namespaceOverride): not in STACK_NAMESPACE, whose `restricted` Pod Security level refuses it.
+NODE_EXPORTER_NAMESPACE = "node-exporter"
+NODE_EXPORTER_REASON = (
+    "node-exporter reads the node itself: host network, host PID and the host's root, /proc "
+    "and /sys mounted (hostPath), which only the privileged Pod Security level admits; its "
+    "own namespace keeps the monitoring namespace restricted")
 #: Ray's dashboards that rayplane's workloads fill: the cluster, Serve (apps and deployments),
 #: Serve LLM (the vLLM apps) and Train. Ray Data's and SGLang's are left out (no workload).
 RAY_DASHBOARDS = ("default", "serve", "serve_deployment", "serve_llm", "train")
@@ -160,6 +167,21 @@ def render_monitoring(ray_version: str | None = None, root: Path = MONITORING_DI
                                           **rayplane_dashboards(root)})]
 
 
+def render_node_exporter_namespace(kubernetes_version: str) -> dict:
+    """node-exporter's namespace at the `privileged` Pod Security level, with the reason
+    (issue 15, finding 3: in the monitoring namespace, which enforces `restricted`, its pods
+    were refused). No Linkerd proxy: host-network pods are not meshed."""
+    labels = {f"pod-security.kubernetes.io/{mode}": "privileged"
+              for mode in ("enforce", "audit", "warn")}
+    labels.update({f"pod-security.kubernetes.io/{mode}-version": f"v{kubernetes_version}"
+                   for mode in ("enforce", "audit", "warn")})
+    return {"apiVersion": "v1", "kind": "Namespace",
+            "metadata": meta(NODE_EXPORTER_NAMESPACE, labels=labels,
+                             annotations={"linkerd.io/inject": "disabled",
+                                          "rayplane.io/pod-security-reason":
+                                              NODE_EXPORTER_REASON})}
+
+
 def panel_queries(dashboard: dict) -> list[tuple[str, str]]:
     """(panel title, PromQL) of every query of a dashboard, rows' panels included."""
     out = []
@@ -191,6 +213,7 @@ def expand_variables(expr: str, dashboard: dict, *, rate_interval: str = "1m",
 __all__ = [
     "DASHBOARD_LABEL",
     "MONITORING_DIR",
+    "NODE_EXPORTER_NAMESPACE",
     "RAY_DASHBOARDS",
     "STACK_NAMESPACE",
     "STACK_RELEASE",
@@ -202,6 +225,7 @@ __all__ = [
     "rayplane_dashboards",
     "render_dashboard_configmaps",
     "render_monitoring",
+    "render_node_exporter_namespace",
     "render_prometheus_rules",
     "rule_files",
     "write_rule_files",

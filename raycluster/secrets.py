@@ -4,13 +4,19 @@ environment's prefix, and the RDS-managed database password by ARN)."""
 
 from __future__ import annotations
 
-from raycluster import kuberay
+from raycluster import kuberay, monitoring
 from raycluster.catalog import Catalog
 from raycluster.environments import AgentsServiceSpec, Environment
 from raycluster.kuberay.pods import tenant_secret_key
 from raycluster.policy import RAY_NAMESPACES, RAY_NODE_LABEL, meta
 
 SECRET_STORE = "aws-secrets-manager"
+#: Secrets the add-ons' charts read (infra/helm values): Grafana's admin login
+#: (kube-prometheus-stack grafana.admin.existingSecret) and MLflow's database login
+#: (mlflow backendStore.existingDatabaseSecret).
+GRAFANA_ADMIN_SECRET = "grafana-admin"  # pragma: allowlist secret
+MLFLOW_DB_SECRET = "mlflow-db"  # pragma: allowlist secret
+MLFLOW_NAMESPACE = "mlops"
 
 
 def ray_namespaces(catalog: Catalog) -> list[str]:
@@ -41,6 +47,28 @@ def render_secrets(catalog: Catalog, env: Environment, gcs_ft_namespaces: set[st
                                     remote))
         out[-1]["spec"]["data"] += [{"secretKey": tenant_secret_key(t),
                                      "remoteRef": {"key": f"{remote}/{t}"}} for t in sorted(tenants)]
+    return out + render_addon_secrets(env)
+
+
+def render_addon_secrets(env: Environment) -> list[dict]:
+    """The Secrets the add-ons' charts expect to exist (issue 15, finding 3: Grafana's
+    ``existingSecret: grafana-admin`` was rendered nowhere, so Grafana never started), each an
+    ExternalSecret like the platform's own."""
+    grafana = _external_secret(GRAFANA_ADMIN_SECRET, monitoring.STACK_NAMESPACE, "password",
+                               f"{env.secrets_manager_prefix}/monitoring/grafana-admin-password")
+    # The chart reads the keys admin-user and admin-password; only the password is secret.
+    grafana["spec"]["target"]["template"] = {
+        "engineVersion": "v2",
+        "data": {"admin-user": "admin", "admin-password": "{{ .password }}"}}
+    out = [grafana]
+    if env.addons.mlflow_db_secret:
+        # RDS manages the password (JSON username/password) outside the environment's prefix;
+        # External Secrets' role is granted it by ARN, as for the agents' database.
+        db = _external_secret(MLFLOW_DB_SECRET, MLFLOW_NAMESPACE, "username",
+                              env.addons.mlflow_db_secret)
+        db["spec"]["data"] = [{"secretKey": key, "remoteRef": {
+            "key": env.addons.mlflow_db_secret, "property": key}} for key in ("username", "password")]
+        out.append(db)
     return out
 
 

@@ -1,6 +1,6 @@
-"""The rendered folder: it equals the committed infra/k8s (drift), every core object
-validates against the Kubernetes OpenAPI schema of the targeted EKS version, every KubeRay and
-GPU Operator object against its CRD, every pod template meets the `restricted` Pod Security
+"""The rendered folder: it equals the committed infra/k8s (drift), every object of every kind
+validates against its CRD in ../shared/schemas or the Kubernetes OpenAPI schema of the targeted
+EKS version (none left unvalidated), every pod template meets the `restricted` Pod Security
 Standard, and the CLI writes and refuses bad input. (checkov's scan of this folder is in
 tests/integration/test_checkov.py, the server-side apply in tests/e2e/test_apply.py.)"""
 
@@ -31,10 +31,9 @@ from tests.support.infra import pod_templates
 
 REPO = Path(__file__).resolve().parents[3]
 COMMITTED = REPO / "infra" / "k8s"
-CRD_KINDS = {"RayCluster", "RayJob", "RayService", "RayCronJob", "ClusterPolicy",
-             "PrometheusRule"}
-#: Objects of operators whose CRDs are not in shared/schemas; checked for shape below.
-OTHER_CRD_KINDS = {"ExternalSecret", "ClusterSecretStore", "Application"}
+#: Kinds validated by their CRDs in the KubeRay and prometheus-operator test below (their
+#: misspelled-field check); every kind is validated in test_every_rendered_object_validates_...
+CRD_KINDS = {"RayCluster", "RayJob", "RayService", "RayCronJob", "PrometheusRule"}
 
 
 @pytest.fixture(scope="module")
@@ -84,20 +83,6 @@ def test_write_removes_files_of_kinds_no_longer_rendered_and_nothing_else(tmp_pa
 # -- schemas -------------------------------------------------------------------------------
 
 
-def test_core_objects_validate_against_the_eks_version_schema(objects, env):
-    core = [o for o in objects if o["kind"] not in CRD_KINDS | OTHER_CRD_KINDS]
-    assert {"Namespace", "NetworkPolicy", "ResourceQuota", "LimitRange", "PriorityClass",
-            "PodDisruptionBudget", "ConfigMap", "ServiceAccount",
-            "PersistentVolumeClaim"} <= {o["kind"] for o in core}
-    for obj in core:
-        try:
-            # strict: unknown fields fail too (a typo would otherwise be dropped silently)
-            kubernetes_validate.validate(obj, env.kubernetes_version, strict=True)
-        except kubernetes_validate.ValidationError as err:
-            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']}: "
-                        f"{'.'.join(map(str, err.path))}: {err.message}")
-
-
 def test_the_core_schema_check_catches_a_misspelled_field(objects, env):
     quota = copy.deepcopy(next(o for o in objects if o["kind"] == "ResourceQuota"))
     quota["spec"]["hardd"] = quota["spec"].pop("hard")
@@ -108,18 +93,10 @@ def test_the_core_schema_check_catches_a_misspelled_field(objects, env):
 
 
 @pytest.fixture(scope="module")
-def crd_validators(schemas_dir):
-    files = [*sorted((schemas_dir / "kuberay-v1.7.0").glob("*.yaml")),
-             schemas_dir / "gpu-operator-v26.7.0" / "nvidia.com_clusterpolicies.yaml",
-             schemas_dir / "prometheus-operator-v0.93.0" / "monitoring.coreos.com_prometheusrules.yaml"]
-    out = {}
-    for path in files:
-        # The C loader: these CRDs are megabytes of YAML.
-        crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-        version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-        schema = _strict(version["schema"]["openAPIV3Schema"])
-        out[crd["spec"]["names"]["kind"]] = jsonschema.Draft7Validator(schema)
-    return out
+def crd_validators(schema_validators):
+    """kind -> validator of the KubeRay and prometheus-operator kinds (their v1)."""
+    return {kind: v for (api_version, kind), v in schema_validators.items()
+            if kind in CRD_KINDS and api_version.endswith("/v1")}
 
 
 def test_kuberay_and_gpu_operator_objects_validate_against_their_crds(objects, crd_validators):
@@ -131,7 +108,7 @@ def test_kuberay_and_gpu_operator_objects_validate_against_their_crds(objects, c
         errors = sorted(crd_validators[obj["kind"]].iter_errors(obj), key=lambda e: e.path)
         assert not errors, f"{obj['kind']}/{obj['metadata']['name']}: " + "; ".join(
             f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors[:5])
-    assert {"RayCluster", "RayService", "ClusterPolicy", "PrometheusRule"} <= seen
+    assert {"RayCluster", "RayService", "PrometheusRule"} <= seen
 
 
 def test_the_crd_check_catches_a_misspelled_field(objects, crd_validators):
@@ -143,25 +120,93 @@ def test_the_crd_check_catches_a_misspelled_field(objects, crd_validators):
     assert list(crd_validators["RayCluster"].iter_errors(cluster))
 
 
-def test_other_operator_objects_have_the_shape_their_operators_read(objects, env):
-    by_kind = {}
-    for o in objects:
-        by_kind.setdefault(o["kind"], []).append(o)
-    for es in by_kind["ExternalSecret"]:
+def test_external_secrets_read_the_store_and_the_environments_prefix(objects, env):
+    for es in (o for o in objects if o["kind"] == "ExternalSecret"):
         assert es["apiVersion"] == "external-secrets.io/v1"
+        if es["metadata"]["name"] == "linkerd-identity-trust-roots":
+            continue  # from cert-manager's Secret in the cluster (test_gitops)
         assert es["spec"]["secretStoreRef"] == {"kind": "ClusterSecretStore",
                                                 "name": "aws-secrets-manager"}
         assert es["spec"]["target"]["name"] == es["metadata"]["name"]
         keys = {d["remoteRef"]["key"] for d in es["spec"]["data"]}
-        if es["metadata"]["name"] == "rayplane-agents-db":
+        if es["metadata"]["name"] in ("rayplane-agents-db", "mlflow-db"):
             # The password RDS manages lives outside the prefix, named by the environment
             # (Terraform output mlflow_db_secret_arn).
-            assert keys == {env.agents[0].database.secret}
+            assert keys <= {env.agents[0].database.secret, env.addons.mlflow_db_secret}
         else:
             assert all(k.startswith("rayplane/production/") for k in keys)
-    app, = by_kind["Application"]
-    assert app["spec"]["source"]["path"] == "infra/k8s"
-    assert "ServerSideApply=true" in app["spec"]["syncPolicy"]["syncOptions"]
+
+
+def _schema_validators(schemas_dir: Path, kinds: set[tuple[str, str]]
+                       ) -> dict[tuple[str, str], jsonschema.Draft7Validator]:
+    """(apiVersion, kind) -> a strict validator, for the CRDs in shared/schemas (any release
+    folder) of the (group, kind) pairs asked; a CRD of several versions gives one per served
+    version. The files are megabytes of YAML: only those asked for are parsed."""
+    out = {}
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    for path in sorted(schemas_dir.glob("*/*.yaml")):
+        text = path.read_text()
+        group = re.search(r"^  group: (\S+)", text, re.MULTILINE)
+        kind = re.search(r"^    kind: (\w+)", text, re.MULTILINE)
+        if not (group and kind) or (group[1], kind[1]) not in kinds:
+            continue
+        doc = yaml.load(text, Loader=loader)
+        if not isinstance(doc, dict) or doc.get("kind") != "CustomResourceDefinition":
+            continue
+        for version in doc["spec"]["versions"]:
+            schema = version.get("schema", {}).get("openAPIV3Schema")
+            if version.get("served", True) and schema:
+                out[(f"{group[1]}/{version['name']}", kind[1])] = \
+                    jsonschema.Draft7Validator(_strict(schema))
+    return out
+
+
+@pytest.fixture(scope="module")
+def schema_validators(objects, schemas_dir):
+    """Validators of every custom kind the render holds."""
+    return _schema_validators(schemas_dir, {(o["apiVersion"].split("/")[0], o["kind"])
+                                            for o in objects if "/" in o["apiVersion"]})
+
+
+def schema_errors(obj: dict, validators: dict, kubernetes_version: str) -> list[str]:
+    """Why ``obj`` is not valid: against its CRD in shared/schemas, or else the Kubernetes
+    OpenAPI schema of the EKS version (kubernetes-validate, strict). A kind neither knows is an
+    error too: nothing may be left unvalidated."""
+    where = f"{obj['kind']}/{obj['metadata'].get('namespace', '-')}/{obj['metadata']['name']}"
+    validator = validators.get((obj["apiVersion"], obj["kind"]))
+    if validator is not None:
+        return [f"{where}: {'.'.join(map(str, e.path))}: {e.message}"
+                for e in sorted(validator.iter_errors(obj), key=lambda e: list(e.path))[:5]]
+    try:
+        kubernetes_validate.validate(obj, kubernetes_version, strict=True)
+    except kubernetes_validate.SchemaNotFoundError:
+        return [f"{where}: no schema for {obj['apiVersion']} {obj['kind']} in shared/schemas "
+                f"or Kubernetes {kubernetes_version}: it cannot be checked"]
+    except kubernetes_validate.ValidationError as err:
+        return [f"{where}: {'.'.join(map(str, err.path))}: {err.message}"]
+    return []
+
+
+def test_every_rendered_object_validates_against_its_schema(objects, env, schema_validators):
+    """Issue 15: every object of every kind, against its CRD (../shared/schemas) or the
+    Kubernetes schema; a kind with no schema fails."""
+    errors = [e for obj in objects for e in schema_errors(obj, schema_validators,
+                                                           env.kubernetes_version)]
+    assert not errors, "\n".join(errors)
+    kinds = {o["kind"] for o in objects}
+    assert {"Application", "AppProject", "Certificate", "ExternalSecret", "RayCluster",
+            "Namespace", "NetworkPolicy", "ResourceQuota", "LimitRange", "PriorityClass",
+            "PodDisruptionBudget", "ConfigMap", "ServiceAccount",
+            "PersistentVolumeClaim"} <= kinds
+
+
+def test_the_schema_check_leaves_nothing_unvalidated(objects, env, schema_validators):
+    validators = schema_validators
+    unknown = {"apiVersion": "example.io/v1", "kind": "Widget", "metadata": {"name": "w"}}
+    assert "no schema" in schema_errors(unknown, validators, env.kubernetes_version)[0]
+    app = copy.deepcopy(next(o for o in objects if o["kind"] == "Application"))
+    app["spec"]["syncPolicy"]["syncOption"] = app["spec"]["syncPolicy"].pop("syncOptions")
+    assert schema_errors(app, validators, env.kubernetes_version)
 
 
 # -- restricted Pod Security Standard ------------------------------------------------------
@@ -242,8 +287,17 @@ def test_the_restricted_check_catches_a_privileged_pod():
 
 
 def test_namespaces_enforce_restricted(objects):
+    """Every namespace but node-exporter's, which reads the host (hostNetwork, hostPID,
+    hostPath) and says why it is privileged."""
+    from raycluster.monitoring import NODE_EXPORTER_NAMESPACE
+
     for ns in (o for o in objects if o["kind"] == "Namespace"):
-        assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+        level = ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"]
+        if ns["metadata"]["name"] == NODE_EXPORTER_NAMESPACE:
+            assert level == "privileged"
+            assert ns["metadata"]["annotations"]["rayplane.io/pod-security-reason"]
+        else:
+            assert level == "restricted", ns["metadata"]["name"]
 
 
 # -- the CLI -------------------------------------------------------------------------------
