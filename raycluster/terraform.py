@@ -1,8 +1,12 @@
-"""Terraform variables for the EKS node groups, rendered from the pool catalog.
+"""Terraform variables for the node pools, rendered from the pool catalog.
 
-The node-pool module (``infra/terraform/modules/node-pool``) takes the pools as one typed map
-variable, ``node_pools``; nothing about a pool is typed in Terraform. ``render_tfvars`` turns the
-catalog into that map (pure), ``write_tfvars`` writes it where Terraform picks it up by itself:
+Pools without GPUs (the cpu system pool) are EKS managed node groups: the node-pool module
+(``infra/terraform/modules/node-pool``) takes them as one typed map variable, ``node_pools``.
+GPU pools are provisioned by Karpenter from the NodePools and EC2NodeClasses rendered into
+``infra/k8s``; Terraform only needs to know which of them use EFA (an EFA security group and a
+cluster placement group per such pool, ``modules/karpenter``): ``karpenter_pools``. Nothing
+about a pool is typed in Terraform. ``render_tfvars`` turns the catalog into both maps (pure),
+``write_tfvars`` writes them where Terraform picks them up by itself:
 ``infra/terraform/environments/<env>/pools.auto.tfvars.json`` (``rayplane render`` calls it).
 A test fails when the committed file drifts from what the catalog renders.
 """
@@ -41,7 +45,8 @@ def tfvars_path(environment: str = "production") -> Path:
 
 
 def render_node_pool(pool: Pool, index: int = 0) -> dict[str, Any]:
-    """One entry of the ``node_pools`` map: what the EKS managed node group of ``pool`` needs."""
+    """One entry of the ``node_pools`` map: what the EKS managed node group of ``pool`` needs.
+    ``index`` is the pool's place in the catalog (errors name ``pools[<index>]``)."""
     if pool.max_nodes < 1:
         # CreateNodegroup refuses maxSize 0; say so before Terraform or AWS does.
         raise SpecError(f"pools[{index}].max_nodes: {pool.max_nodes} cannot become an EKS node "
@@ -63,10 +68,27 @@ def render_node_pool(pool: Pool, index: int = 0) -> dict[str, Any]:
     }
 
 
+def is_managed_node_group(pool: Pool) -> bool:
+    """Whether ``pool`` is an EKS managed node group (no GPUs: the system pool the heads, the
+    MLOps tools and Karpenter itself run on) rather than provisioned by Karpenter (GPU pools,
+    which scale from zero when a Ray worker is pending)."""
+    return not pool.has_gpu
+
+
+def render_karpenter_pool(pool: Pool) -> dict[str, Any]:
+    """One entry of the ``karpenter_pools`` map: what Terraform makes for a Karpenter pool."""
+    return {"efa": pool.efa}
+
+
 def render_tfvars(catalog: Catalog) -> dict[str, Any]:
-    """The ``pools.auto.tfvars.json`` document: ``{"node_pools": {<pool>: {...}}}``."""
-    return {"node_pools": {pool.name: render_node_pool(pool, i)
-                           for i, pool in enumerate(catalog.pools)}}
+    """The ``pools.auto.tfvars.json`` document: ``{"node_pools": {<pool without GPUs>: {...}},
+    "karpenter_pools": {<GPU pool>: {"efa": ...}}}``."""
+    return {
+        "node_pools": {pool.name: render_node_pool(pool, i)
+                       for i, pool in enumerate(catalog.pools) if is_managed_node_group(pool)},
+        "karpenter_pools": {pool.name: render_karpenter_pool(pool)
+                            for pool in catalog.pools if not is_managed_node_group(pool)},
+    }
 
 
 def tfvars_text(catalog: Catalog) -> str:
@@ -75,7 +97,7 @@ def tfvars_text(catalog: Catalog) -> str:
 
 
 def write_tfvars(catalog: Catalog, path: str | Path) -> Path:
-    """Write the node pools of ``catalog`` to ``path`` (a ``*.auto.tfvars.json``); returns it."""
+    """Write the pools of ``catalog`` to ``path`` (a ``*.auto.tfvars.json``); returns it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(tfvars_text(catalog))

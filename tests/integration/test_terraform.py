@@ -6,21 +6,14 @@
   checks of what it made, a new catalog pool applied without a Terraform edit, then
   ``terraform destroy``.
 
-The configuration is copied to a temporary folder; the test adds override files there (never to
-the committed files) that point the provider at moto and use a local backend.
+The configuration is copied to a temporary folder that tests/support/terraform.py points at moto
+(never the committed files); what moto cannot emulate, and how the harness handles it, is said
+there (``MOTO_GATES``).
 
-What moto cannot emulate, and how the test handles it:
-
-- gated off by the environment's variables: ``enable_eks_addons`` (moto has no EKS add-on
-  API), ``enable_access_entries`` (no EKS access-entry API), ``enable_backup_policies`` (no Data
-  Lifecycle Manager, no EFS PutBackupPolicy), ``enable_gcs_redis`` (see ``MOTO_GATES``). That
-  each is off here and on by default passes as a test; that its resources apply is a test of
-  its own, skipped (before any work) with the reason while the gate is off;
-- ignored drift, so that a second apply shows only real changes: moto drops the cluster's
-  ``accessConfig`` and the node groups' ``updateConfig``, returns a default ``remoteAccess`` on
-  node groups, and reports the launch template's own tags as a tag specification;
-- moto has no ``DeleteFileSystemPolicy``: the EFS policy leaves the state before destroy (deleting
-  the file system removes it).
+Karpenter's side (issue 15) is checked as applied: the controller's IRSA role and its policies,
+the node role with its instance profile, the interruption queue and the EventBridge rules that
+feed it, the discovery tags; the VPC endpoints; and the VPC CNI's network policy enforcement
+through the plan of the add-on (moto has no add-on API).
 """
 
 from __future__ import annotations
@@ -29,15 +22,11 @@ import fnmatch
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import boto3
 import pytest
 import yaml
 
@@ -45,7 +34,6 @@ from raycluster.catalog import Catalog, load_catalog
 from raycluster.environments import Environment
 from raycluster.terraform import (
     AMI_TYPE_CPU,
-    AMI_TYPE_GPU,
     EKS_TAINT_EFFECT,
     TERRAFORM_DIR,
     TFVARS_NAME,
@@ -54,21 +42,37 @@ from raycluster.terraform import (
 from tests.conftest import requires_terraform
 from tests.support.infra import (
     A10G_POOL,
+    CPU_POOL,
     ROOT,
+    aws_external_secrets,
+    aws_secret_store,
     external_secrets_service_account,
     helm_values,
     irsa_subject,
-    rendered,
     tf_default,
     velero_service_account,
 )
-
-TERRAFORM = shutil.which("terraform")
-CLI_CONFIG = TERRAFORM_DIR / "mirror.tfrc"
-REGION = "us-east-1"
-ADMIN_ARN = "arn:aws:iam::123456789012:role/platform-admin"
-API_CIDRS = ["203.0.113.0/24"]
-CLUSTER = "rayplane-production"
+from tests.support.terraform import (
+    ACCOUNT,
+    API_CIDRS,
+    CLUSTER,
+    MOTO_GATES,
+    MOTO_TFVARS,
+    PREFIX,
+    REGION,
+    Deployment,
+    copy_configuration,
+    free_port,
+    ingress,
+    only_from_nodes,
+    role_statements,
+    tags_of,
+    terraform,
+    tf_env,
+    trust_subjects,
+    wait_listening,
+    write_moto_overrides,
+)
 
 
 def applies(test):
@@ -79,58 +83,6 @@ def applies(test):
 TF_DIRS = sorted(str(p.relative_to(TERRAFORM_DIR)) for p in
                  [*TERRAFORM_DIR.glob("modules/*"), *TERRAFORM_DIR.glob("environments/*")]
                  if p.is_dir())
-
-#: The environment's switches for what moto lacks, and why each is off here.
-MOTO_GATES = {
-    "enable_eks_addons": (
-        "aws_eks_addon",
-        ("moto has no EKS add-on API (CreateAddon/DescribeAddon): VPC CNI, kube-proxy, CoreDNS "
-         "and the EBS/EFS CSI drivers are not applied")),
-    "enable_access_entries": (
-        "aws_eks_access_entry",
-        ("moto has no EKS access-entry API (CreateAccessEntry/AssociateAccessPolicy): cluster "
-         "admins are not applied")),
-    "enable_backup_policies": (
-        "aws_dlm_lifecycle_policy",
-        ("moto has no Data Lifecycle Manager and no EFS PutBackupPolicy: EBS snapshots and EFS "
-         "backups are not applied")),
-    "enable_gcs_redis": (
-        "aws_elasticache_replication_group",
-        ("moto makes no member cache clusters for a replication group (DescribeCacheClusters "
-         "answers CacheClusterNotFound), so the provider cannot read it back: the GCS Redis is "
-         "not applied (nor its subnet group: moto has no DeleteCacheSubnetGroup); its AUTH "
-         "secret and security group are")),
-}
-
-def tf_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "TF_"))}
-    env.update({
-        "TF_CLI_CONFIG_FILE": str(CLI_CONFIG), "TF_IN_AUTOMATION": "1", "TF_INPUT": "0",
-        "CHECKPOINT_DISABLE": "1",
-        # Fake credentials: nothing here may ever reach a real account.
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": REGION, "AWS_DEFAULT_REGION": REGION, "AWS_EC2_METADATA_DISABLED": "true",
-    })
-    env.update(extra or {})
-    return env
-
-
-def terraform(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    # Flags go before positional arguments; `state` subcommands print no colour anyway.
-    cmd = [TERRAFORM, *args] if args[0] == "state" else [TERRAFORM, args[0], "-no-color", *args[1:]]
-    proc = subprocess.run(cmd, cwd=cwd, env=tf_env(), capture_output=True, text=True,
-                          timeout=timeout, check=False)
-    assert proc.returncode == 0, (f"terraform {' '.join(args)} in {cwd} failed "
-                                  f"({proc.returncode}):\n{proc.stdout[-4000:]}\n"
-                                  f"{proc.stderr[-4000:]}")
-    return proc
-
-
-def copy_configuration(dest: Path) -> Path:
-    """The committed configuration, without local state or provider folders."""
-    shutil.copytree(TERRAFORM_DIR, dest, ignore=shutil.ignore_patterns(
-        ".terraform", "*.tfstate*", "*.tfplan", "moto_*.tf", "moto.auto.tfvars.json"))
-    return dest
 
 
 # -- fmt and validate -------------------------------------------------------------------
@@ -151,30 +103,61 @@ def test_validate_passes(tf_dir: str, tmp_path: Path):
     assert result["warning_count"] == 0, result["diagnostics"]
 
 
+#: A root module of the eks-cluster module alone, with made-up inputs: its plan needs no AWS
+#: endpoint (everything is to be created, nothing refreshed).
+EKS_ONLY_ROOT = """
+provider "aws" {
+  region                      = "us-east-1"
+  access_key                  = "testing"
+  secret_key                  = "testing"
+  skip_credentials_validation = true
+  skip_requesting_account_id  = true
+  skip_metadata_api_check     = true
+}
+
+module "eks" {
+  source              = "../modules/eks-cluster"
+  name                = "rayplane-production"
+  kubernetes_version  = "1.33"
+  vpc_id              = "vpc-0123456789abcdef0"
+  vpc_cidr            = "10.0.0.0/16"
+  subnet_ids          = ["subnet-0123456789abcdef0", "subnet-0123456789abcdef1"]
+  cluster_role_arn    = "arn:aws:iam::123456789012:role/rayplane-production-cluster"
+  secrets_kms_key_arn = "arn:aws:kms:us-east-1:123456789012:key/0000" # pragma: allowlist secret
+  logs_kms_key_arn    = "arn:aws:kms:us-east-1:123456789012:key/0000"
+  public_access_cidrs = ["203.0.113.0/24"]
+}
+"""
+
+
+@requires_terraform
+def test_the_vpc_cni_enforces_network_policies(tmp_path: Path):
+    """Finding 4: the vpc-cni add-on is created with enableNetworkPolicy, or every NetworkPolicy
+    rayplane renders is on paper. moto has no add-on API, so the module's plan is read: what
+    Terraform would send to CreateAddon (the environment keeps the module's default:
+    tests/unit/infra/test_platform_services.py)."""
+    work = copy_configuration(tmp_path / "terraform") / "eks-only"
+    work.mkdir()
+    (work / "main.tf").write_text(EKS_ONLY_ROOT)
+    terraform("init", "-backend=false", "-input=false", cwd=work, timeout=120)
+    terraform("plan", "-input=false", "-refresh=false", "-target=module.eks.aws_eks_addon.this",
+              "-out=addons.tfplan", cwd=work, timeout=120)
+    plan = json.loads(terraform("show", "-json", "addons.tfplan", cwd=work, timeout=60).stdout)
+    addons = {c["index"]: c["change"]["after"] for c in plan["resource_changes"]
+              if c["address"].startswith("module.eks.aws_eks_addon.this[")}
+    assert set(addons) == {"vpc-cni", "kube-proxy"}
+    configuration = addons["vpc-cni"].get("configuration_values")
+    assert configuration, "the vpc-cni add-on has no configuration: NetworkPolicies unenforced"
+    assert json.loads(configuration) == {"enableNetworkPolicy": "true"}
+    assert addons["kube-proxy"].get("configuration_values") is None
+
+
 # -- apply against moto ------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_listening(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"moto_server exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"moto_server did not listen on 127.0.0.1:{port} in {timeout}s")
 
 
 @pytest.fixture(scope="module")
 def moto_endpoint(tmp_path_factory: pytest.TempPathFactory):
-    port = _free_port()
+    port = free_port()
     log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
@@ -182,7 +165,7 @@ def moto_endpoint(tmp_path_factory: pytest.TempPathFactory):
         env={**tf_env(), "MOTO_IAM_LOAD_MANAGED_POLICIES": "true"},
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_listening(port, proc)
+        wait_listening(port, proc)
         yield f"http://127.0.0.1:{port}"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -195,154 +178,6 @@ def moto_endpoint(tmp_path_factory: pytest.TempPathFactory):
 
 
 #: The environment's variables for the apply against moto.
-MOTO_TFVARS = {
-    "public_access_cidrs": API_CIDRS,
-    "cluster_admin_arns": [ADMIN_ARN],
-    "force_destroy_buckets": True,
-    # Test-only values: the defaults keep the database and secrets on destroy.
-    "mlflow_db_deletion_protection": False,
-    "mlflow_db_skip_final_snapshot": True,
-    "secret_recovery_window_days": 0,
-    **{gate: False for gate in MOTO_GATES},
-}
-
-MOTO_SERVICES = ("ec2", "eks", "efs", "iam", "kms", "logs", "s3", "sts", "dlm", "autoscaling",
-                 "ecr", "elasticache", "rds", "secretsmanager")
-
-
-def write_moto_overrides(root: Path, endpoint: str) -> None:
-    endpoints = "\n".join(f'    {s} = "{endpoint}"' for s in MOTO_SERVICES)
-    (root / "environments" / "production" / "moto_override.tf").write_text(f"""\
-# Written by tests/integration/test_terraform.py into a temporary copy: a local backend and
-# the provider pointed at moto_server on loopback.
-terraform {{
-  backend "local" {{}}
-}}
-
-provider "aws" {{
-  region                      = "{REGION}"
-  access_key                  = "testing"
-  secret_key                  = "testing"
-  skip_credentials_validation = true
-  skip_requesting_account_id  = true
-  skip_metadata_api_check     = true
-  skip_region_validation      = true
-  s3_use_path_style           = true
-  max_retries                 = 2 # an API moto lacks fails fast instead of backing off
-  endpoints {{
-{endpoints}
-  }}
-}}
-""")
-    # Attributes moto does not store or answers with defaults; without these a second apply
-    # would replace the cluster and every node group.
-    (root / "modules" / "eks-cluster" / "moto_override.tf").write_text("""\
-resource "aws_eks_cluster" "this" {
-  lifecycle {
-    ignore_changes = [access_config] # moto drops accessConfig
-  }
-}
-
-# moto's EKS creates no cluster security group (the one managed nodes get): a stand-in.
-output "cluster_security_group_id" {
-  value = aws_security_group.moto_cluster_sg.id
-}
-""")
-    (root / "modules" / "eks-cluster" / "moto_cluster_sg.tf").write_text("""\
-resource "aws_security_group" "moto_cluster_sg" {
-  name_prefix = "eks-cluster-sg-${var.name}-"
-  description = "Stand-in for the cluster security group EKS makes (moto makes none)"
-  vpc_id      = var.vpc_id
-}
-""")
-    (root / "modules" / "node-pool" / "moto_override.tf").write_text("""\
-resource "aws_eks_node_group" "pool" {
-  lifecycle {
-    # moto drops updateConfig and answers a default remoteAccess
-    ignore_changes = [scaling_config[0].desired_size, remote_access, update_config]
-  }
-}
-
-resource "aws_launch_template" "pool" {
-  lifecycle {
-    ignore_changes = [tag_specifications] # moto lists the template's own tags as one
-  }
-}
-""")
-    (root / "modules" / "platform-services" / "moto_override.tf").write_text("""\
-resource "aws_db_instance" "mlflow" {
-  lifecycle {
-    # moto does not store Performance Insights settings
-    ignore_changes = [performance_insights_enabled, performance_insights_kms_key_id,
-    performance_insights_retention_period]
-  }
-}
-
-resource "aws_db_parameter_group" "mlflow" {
-  lifecycle {
-    ignore_changes = [parameter] # moto answers no user-set parameters
-  }
-}
-
-resource "aws_vpc_security_group_ingress_rule" "redis_from_nodes" {
-  lifecycle {
-    # moto drops the description and prefixes the referenced group with the account id
-    ignore_changes = [description, referenced_security_group_id]
-  }
-}
-
-resource "aws_vpc_security_group_ingress_rule" "mlflow_db_from_nodes" {
-  lifecycle {
-    ignore_changes = [description, referenced_security_group_id]
-  }
-}
-""")
-    (root / "environments" / "production" / "moto.auto.tfvars.json").write_text(
-        json.dumps(MOTO_TFVARS, indent=2))
-
-
-class Deployment:
-    """The production environment applied to moto, with boto3 clients on the same endpoint."""
-
-    def __init__(self, root: Path, endpoint: str):
-        self.root = root
-        self.env_dir = root / "environments" / "production"
-        self.endpoint = endpoint
-        self.destroyed = False
-        self.timings: dict[str, float] = {}
-        self.out: dict = {}
-
-    def client(self, service: str):
-        return boto3.client(service, endpoint_url=self.endpoint, region_name=REGION,
-                            aws_access_key_id="testing", aws_secret_access_key="testing")
-
-    def run(self, *args: str, timeout: float = 420) -> subprocess.CompletedProcess:
-        started = time.monotonic()
-        proc = terraform(*args, cwd=self.env_dir, timeout=timeout)
-        self.timings[args[0]] = self.timings.get(args[0], 0) + time.monotonic() - started
-        return proc
-
-    def apply(self) -> str:
-        return self.run("apply", "-auto-approve", "-input=false", "-parallelism=20").stdout
-
-    def outputs(self) -> dict:
-        out = json.loads(self.run("output", "-json", timeout=60).stdout)
-        return {k: v["value"] for k, v in out.items()}
-
-    def state(self) -> list[str]:
-        return self.run("state", "list", timeout=60).stdout.split()
-
-    def destroy(self) -> str:
-        # moto has no DeleteFileSystemPolicy; deleting the file system removes the policy.
-        if "module.storage.aws_efs_file_system_policy.shared" in self.state():
-            self.run("state", "rm", "module.storage.aws_efs_file_system_policy.shared", timeout=60)
-        # No refresh: the state is what the last apply left (and refreshed), and refreshing
-        # every resource again costs most of a minute on 2 cores.
-        out = self.run("destroy", "-auto-approve", "-input=false", "-parallelism=20",
-                       "-refresh=false").stdout
-        self.destroyed = True
-        return out
-
 
 @pytest.fixture(scope="module")
 def deployment(moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory):
@@ -361,22 +196,20 @@ def deployment(moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory):
               f"{ {k: round(v, 1) for k, v in dep.timings.items()} }")
 
 
-def _tags(items: list[dict]) -> dict[str, str]:
-    return {t["Key"]: t["Value"] for t in items or []}
-
-
 @applies
-def test_every_catalog_pool_is_a_node_group_with_its_shape(deployment: Deployment):
+def test_every_pool_without_gpus_is_a_node_group_with_its_shape(deployment: Deployment):
     eks, ec2 = deployment.client("eks"), deployment.client("ec2")
     catalog = load_catalog()
-    assert sorted(eks.list_nodegroups(clusterName=CLUSTER)["nodegroups"]) == sorted(
-        p.name for p in catalog.pools)
+    managed = [p for p in catalog.pools if not p.has_gpu]
+    assert [p.name for p in managed] == ["cpu"]
+    # The GPU pools are Karpenter's: no node group that nothing would scale (finding 1).
+    assert sorted(eks.list_nodegroups(clusterName=CLUSTER)["nodegroups"]) == ["cpu"]
     data_key = deployment.out["data_kms_key_arn"]
-    for pool in catalog.pools:
+    for pool in managed:
         ng = eks.describe_nodegroup(clusterName=CLUSTER, nodegroupName=pool.name)["nodegroup"]
         assert ng["instanceTypes"] == pool.instance_types, pool.name
         assert ng["capacityType"] == pool.capacity_type.value, pool.name
-        assert ng["amiType"] == (AMI_TYPE_GPU if pool.has_gpu else AMI_TYPE_CPU), pool.name
+        assert ng["amiType"] == AMI_TYPE_CPU, pool.name
         assert ng["labels"] == pool.node_labels, pool.name
         assert ng["taints"] == [
             {"key": t.key, "value": t.value, "effect": EKS_TAINT_EFFECT[t.effect]}
@@ -420,16 +253,16 @@ def test_the_cluster_is_private_allow_listed_encrypted_and_logged(deployment: De
 
 
 @applies
-def test_the_network_spans_three_zones_with_load_balancer_tags(deployment: Deployment):
+def test_the_network_spans_three_zones_with_load_balancertags_of(deployment: Deployment):
     ec2 = deployment.client("ec2")
     in_vpc = [{"Name": "vpc-id", "Values": [deployment.out["vpc_id"]]}]
     subnets = ec2.describe_subnets(Filters=in_vpc)["Subnets"]
-    private = [s for s in subnets if _tags(s["Tags"]).get("kubernetes.io/role/internal-elb") == "1"]
-    public = [s for s in subnets if _tags(s["Tags"]).get("kubernetes.io/role/elb") == "1"]
+    private = [s for s in subnets if tags_of(s["Tags"]).get("kubernetes.io/role/internal-elb") == "1"]
+    public = [s for s in subnets if tags_of(s["Tags"]).get("kubernetes.io/role/elb") == "1"]
     assert sorted(s["SubnetId"] for s in private) == sorted(deployment.out["private_subnet_ids"])
     assert len({s["AvailabilityZone"] for s in private}) == 3
     assert len({s["AvailabilityZone"] for s in public}) == 3
-    assert all(_tags(s["Tags"])[f"kubernetes.io/cluster/{CLUSTER}"] == "shared" for s in subnets)
+    assert all(tags_of(s["Tags"])[f"kubernetes.io/cluster/{CLUSTER}"] == "shared" for s in subnets)
     assert not any(s["MapPublicIpOnLaunch"] for s in subnets)
     nats = ec2.describe_nat_gateways(Filters=in_vpc)
     assert len([n for n in nats["NatGateways"] if n["State"] == "available"]) == 3
@@ -527,49 +360,6 @@ def test_storage_classes_manifest_names_the_file_system_and_key(deployment: Depl
 
 # -- platform services: images, IRSA for External Secrets and Velero, Redis, PostgreSQL --------
 
-ACCOUNT = "123456789012"  # moto's account
-PREFIX = "rayplane/production"
-
-
-def _statements(iam, role_name: str) -> list[dict]:
-    """Every statement of the role's inline policies; it must have no managed ones."""
-    assert iam.list_attached_role_policies(RoleName=role_name)["AttachedPolicies"] == []
-    out = []
-    for name in iam.list_role_policies(RoleName=role_name)["PolicyNames"]:
-        doc = iam.get_role_policy(RoleName=role_name, PolicyName=name)["PolicyDocument"]
-        for st in doc["Statement"]:
-            assert st["Effect"] == "Allow", (role_name, st)
-            out.append({**st, "Action": _as_list(st["Action"]),
-                        "Resource": _as_list(st["Resource"])})
-    return out
-
-
-def _as_list(value: str | list[str]) -> list[str]:
-    return [value] if isinstance(value, str) else list(value)
-
-
-def _trust_subjects(iam, role_name: str, oidc_provider_arn: str) -> set[str]:
-    (trust,) = iam.get_role(RoleName=role_name)["Role"]["AssumeRolePolicyDocument"]["Statement"]
-    assert trust["Principal"] == {"Federated": oidc_provider_arn}
-    assert trust["Action"] == "sts:AssumeRoleWithWebIdentity"
-    equals = trust["Condition"]["StringEquals"]
-    assert next(v for k, v in equals.items() if k.endswith(":aud")) == "sts.amazonaws.com"
-    subjects = next(v for k, v in equals.items() if k.endswith(":sub"))
-    return {subjects} if isinstance(subjects, str) else set(subjects)
-
-
-def _ingress(ec2, group_id: str) -> list[dict]:
-    (group,) = ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
-    return group["IpPermissions"]
-
-
-def _only_from_nodes(ec2, group_id: str, port: int, node_sg: str) -> None:
-    (rule,) = _ingress(ec2, group_id)
-    assert (rule["IpProtocol"], rule["FromPort"], rule["ToPort"]) == ("tcp", port, port)
-    assert [p["GroupId"] for p in rule["UserIdGroupPairs"]] == [node_sg]
-    assert rule.get("IpRanges", []) == [] and rule.get("Ipv6Ranges", []) == []
-
-
 @applies
 def test_the_image_repository_is_immutable_scanned_and_kms_encrypted(deployment: Deployment):
     ecr = deployment.client("ecr")
@@ -617,13 +407,13 @@ def test_external_secrets_role_reads_only_the_environments_secrets(deployment: D
     assert arn == f"arn:aws:iam::{ACCOUNT}:role/{CLUSTER}-external-secrets"
     role = arn.rsplit("/", 1)[-1]
     # Trusted by the service account the Helm release runs as, which the ClusterSecretStore names.
-    (store,) = rendered("02-clustersecretstore.yaml")
+    store = aws_secret_store()
     ref = store["spec"]["provider"]["aws"]["auth"]["jwt"]["serviceAccountRef"]
-    assert _trust_subjects(iam, role, deployment.out["oidc_provider_arn"]) == {
+    assert trust_subjects(iam, role, deployment.out["oidc_provider_arn"]) == {
         irsa_subject(external_secrets_service_account())} == {
         irsa_subject(f"{ref['namespace']}/{ref['name']}")}
 
-    statements = _statements(iam, role)
+    statements = role_statements(iam, role)
     prefix_pattern = f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:{PREFIX}/*"
     db_secret = deployment.out["mlflow_db_secret_arn"]
     secret_statements = [s for s in statements if s["Action"][0].startswith("secretsmanager:")]
@@ -643,7 +433,7 @@ def test_external_secrets_role_reads_only_the_environments_secrets(deployment: D
         return any(fnmatch.fnmatchcase(secret_arn, r)
                    for s in secret_statements for r in s["Resource"])
 
-    keys = {d["remoteRef"]["key"] for es in rendered("08-externalsecret.yaml")
+    keys = {d["remoteRef"]["key"] for es in aws_external_secrets()
             for d in es["spec"]["data"]}
     for key in keys:
         if key.startswith("arn:"):
@@ -663,13 +453,13 @@ def test_velero_role_reaches_only_its_bucket_and_snapshots(deployment: Deploymen
     arn = deployment.out["velero_role_arn"]
     assert arn == f"arn:aws:iam::{ACCOUNT}:role/{CLUSTER}-velero"
     role = arn.rsplit("/", 1)[-1]
-    assert _trust_subjects(iam, role, deployment.out["oidc_provider_arn"]) == {
+    assert trust_subjects(iam, role, deployment.out["oidc_provider_arn"]) == {
         irsa_subject(velero_service_account())}
     assert helm_values("velero")["serviceAccount"]["server"]["annotations"][
         "eks.amazonaws.com/role-arn"].rsplit("/", 1)[-1] == role
 
     bucket_arn = f"arn:aws:s3:::{deployment.out['velero_bucket_name']}"
-    statements = _statements(iam, role)
+    statements = role_statements(iam, role)
     for st in statements:
         services = {a.split(":")[0] for a in st["Action"]}
         assert len(services) == 1, st
@@ -693,6 +483,24 @@ def test_velero_role_reaches_only_its_bucket_and_snapshots(deployment: Deploymen
     assert {"s3:PutObject", "s3:GetObject", "s3:DeleteObject", "s3:ListBucket",
             "ec2:CreateSnapshot", "ec2:CreateVolume", "ec2:DescribeVolumes",
             "ec2:DeleteSnapshot"} <= covered
+
+
+@applies
+def test_the_load_balancer_controller_role_is_the_upstream_policy(deployment: Deployment):
+    iam = deployment.client("iam")
+    arn = deployment.out["load_balancer_controller_role_arn"]
+    assert arn == f"arn:aws:iam::{ACCOUNT}:role/{CLUSTER}-aws-load-balancer-controller"
+    role = arn.rsplit("/", 1)[-1]
+    values = helm_values("aws-load-balancer-controller")
+    assert trust_subjects(iam, role, deployment.out["oidc_provider_arn"]) == {
+        irsa_subject(f"kube-system/{values['serviceAccount']['name']}")}
+    assert values["serviceAccount"]["annotations"]["eks.amazonaws.com/role-arn"].rsplit(
+        "/", 1)[-1] == role
+    (name,) = iam.list_role_policies(RoleName=role)["PolicyNames"]
+    vendored = TERRAFORM_DIR / "modules" / "platform-services" / \
+        "aws-load-balancer-controller-policy.json"
+    assert iam.get_role_policy(RoleName=role, PolicyName=name)["PolicyDocument"] == \
+        json.loads(vendored.read_text())
 
 
 @applies
@@ -733,7 +541,7 @@ def test_the_gcs_redis_auth_token_and_network_are_ready(deployment: Deployment):
     (group,) = ec2.describe_security_groups(Filters=[
         {"Name": "tag:Name", "Values": [f"{CLUSTER}-gcs-redis"]}])["SecurityGroups"]
     assert group["VpcId"] == deployment.out["vpc_id"]
-    _only_from_nodes(ec2, group["GroupId"], 6379, deployment.out["node_security_group_id"])
+    only_from_nodes(ec2, group["GroupId"], 6379, deployment.out["node_security_group_id"])
     # The replication group itself is gated off here (see test_what_moto_cannot_emulate...).
     assert deployment.out.get("redis_address") is None
 
@@ -758,7 +566,7 @@ def test_the_mlflow_database_is_private_encrypted_backed_up_with_a_managed_passw
     subnets = {s["SubnetIdentifier"] for s in db["DBSubnetGroup"]["Subnets"]}
     assert subnets == set(deployment.out["private_subnet_ids"])
     (sg,) = db["VpcSecurityGroups"]
-    _only_from_nodes(ec2, sg["VpcSecurityGroupId"], 5432, deployment.out["node_security_group_id"])
+    only_from_nodes(ec2, sg["VpcSecurityGroupId"], 5432, deployment.out["node_security_group_id"])
     # The password: made and kept by RDS in Secrets Manager, encrypted with the data key.
     assert db["MasterUserSecret"]["SecretArn"] == deployment.out["mlflow_db_secret_arn"]
     assert db["MasterUserSecret"]["KmsKeyId"] == key
@@ -797,6 +605,170 @@ def test_the_outputs_fill_the_environment_file(deployment: Deployment):
         out["mlflow_db_secret_arn"]]
 
 
+# -- Karpenter's AWS side, VPC endpoints, network policy enforcement (issue 15) ----------------
+
+KARPENTER_SA = "karpenter/karpenter"
+#: The official Karpenter v1.14 CloudFormation setup's statements (website/content/en/v1.14/
+#: getting-started/getting-started-with-karpenter/cloudformation.yaml).
+KARPENTER_SIDS = {
+    "AllowScopedEC2InstanceAccessActions", "AllowScopedEC2LaunchTemplateAccessActions",
+    "AllowScopedEC2InstanceActionsWithTags", "AllowScopedResourceCreationTagging",
+    "AllowScopedResourceTagging", "AllowScopedDeletion", "AllowPassingInstanceRole",
+    "AllowScopedInstanceProfileCreationActions", "AllowScopedInstanceProfileTagActions",
+    "AllowScopedInstanceProfileActions", "AllowAPIServerEndpointDiscovery",
+    "AllowZonalShiftStatusReadOnly", "AllowInterruptionQueueActions", "AllowRegionalReadActions",
+    "AllowSSMReadActions", "AllowPricingReadActions", "AllowUnscopedInstanceProfileListAction",
+    "AllowInstanceProfileReadActions",
+}
+#: Actions that take no resource-level permissions: the only ones granted on "*".
+UNSCOPED_ACTIONS = {"pricing:GetProducts", "iam:ListInstanceProfiles",
+                    "arc-zonal-shift:GetManagedResource"}
+
+
+@applies
+def test_the_karpenter_controller_role_is_the_official_policy_for_this_cluster_only(
+        deployment: Deployment):
+    iam = deployment.client("iam")
+    arn = deployment.out["karpenter_controller_role_arn"]
+    assert arn == f"arn:aws:iam::{ACCOUNT}:role/{CLUSTER}-karpenter-controller"
+    role = arn.rsplit("/", 1)[-1]
+    assert trust_subjects(iam, role, deployment.out["oidc_provider_arn"]) == {
+        irsa_subject(KARPENTER_SA)}
+    # The Helm values H3 installs Karpenter with name this role and the queue.
+    values = helm_values("karpenter")
+    assert values["serviceAccount"]["annotations"]["eks.amazonaws.com/role-arn"].rsplit(
+        "/", 1)[-1] == role
+    assert values["settings"]["interruptionQueue"] == \
+        deployment.out["karpenter_interruption_queue_name"]
+    by_sid = {s["Sid"]: s for s in role_statements(iam, role)}
+    assert set(by_sid) == KARPENTER_SIDS
+    node_role_arn = f"arn:aws:iam::{ACCOUNT}:role/{deployment.out['karpenter_node_role_name']}"
+    assert by_sid["AllowPassingInstanceRole"]["Resource"] == [node_role_arn]
+    queue_arn = f"arn:aws:sqs:{REGION}:{ACCOUNT}:{CLUSTER}-karpenter"
+    assert by_sid["AllowInterruptionQueueActions"]["Resource"] == [queue_arn]
+    assert by_sid["AllowAPIServerEndpointDiscovery"]["Resource"] == [
+        f"arn:aws:eks:{REGION}:{ACCOUNT}:cluster/{CLUSTER}"]
+    owned = f"aws:ResourceTag/kubernetes.io/cluster/{CLUSTER}"
+    for sid in ("AllowScopedEC2LaunchTemplateAccessActions", "AllowScopedDeletion",
+                "AllowScopedResourceTagging"):
+        # Only launch templates and instances it launched for this cluster's NodePools.
+        assert by_sid[sid]["Condition"]["StringEquals"][owned] == "owned", sid
+        assert by_sid[sid]["Condition"]["StringLike"] == {
+            "aws:ResourceTag/karpenter.sh/nodepool": "*"}, sid
+    for sid in ("AllowScopedEC2InstanceActionsWithTags", "AllowScopedResourceCreationTagging"):
+        equals = by_sid[sid]["Condition"]["StringEquals"]
+        assert equals[f"aws:RequestTag/kubernetes.io/cluster/{CLUSTER}"] == "owned", sid
+        assert equals["aws:RequestTag/eks:eks-cluster-name"] == CLUSTER, sid
+    placement = [r for r in by_sid["AllowScopedEC2InstanceAccessActions"]["Resource"]
+                 if ":placement-group/" in r]
+    assert placement == [f"arn:aws:ec2:{REGION}:{ACCOUNT}:placement-group/{CLUSTER}-*"]
+    for st in by_sid.values():
+        if st["Resource"] == ["*"]:
+            regional = st.get("Condition", {}).get("StringEquals", {}).get("aws:RequestedRegion")
+            assert all(a.startswith("ec2:Describe") for a in st["Action"]) and \
+                regional == REGION or set(st["Action"]) <= UNSCOPED_ACTIONS, st
+
+
+@applies
+def test_karpenter_nodes_get_their_role_and_instance_profile(deployment: Deployment):
+    iam = deployment.client("iam")
+    name = deployment.out["karpenter_node_role_name"]
+    assert name == f"{CLUSTER}-karpenter-node"
+    (trust,) = iam.get_role(RoleName=name)["Role"]["AssumeRolePolicyDocument"]["Statement"]
+    assert trust["Principal"] == {"Service": "ec2.amazonaws.com"}
+    attached = {p["PolicyName"] for p in iam.list_attached_role_policies(RoleName=name)[
+        "AttachedPolicies"]}
+    assert attached == {"AmazonEKSWorkerNodePolicy", "AmazonEKS_CNI_Policy",
+                        "AmazonEC2ContainerRegistryPullOnly", "AmazonSSMManagedInstanceCore"}
+    assert iam.list_role_policies(RoleName=name)["PolicyNames"] == []
+    profile = iam.get_instance_profile(
+        InstanceProfileName=deployment.out["karpenter_node_instance_profile_name"])
+    assert [r["RoleName"] for r in profile["InstanceProfile"]["Roles"]] == [name]
+
+
+@applies
+def test_interruption_events_reach_karpenters_queue(deployment: Deployment):
+    sqs, events = deployment.client("sqs"), deployment.client("events")
+    name = deployment.out["karpenter_interruption_queue_name"]
+    assert name == f"{CLUSTER}-karpenter"
+    url = sqs.get_queue_url(QueueName=name)["QueueUrl"]
+    attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+    assert attrs["SqsManagedSseEnabled"] == "true"
+    assert attrs["MessageRetentionPeriod"] == "300"
+    policy = json.loads(attrs["Policy"])
+    (allow,) = [s for s in policy["Statement"] if s["Effect"] == "Allow"]
+    assert sorted(allow["Principal"]["Service"]) == ["events.amazonaws.com", "sqs.amazonaws.com"]
+    assert allow["Action"] == "sqs:SendMessage" and allow["Resource"] == attrs["QueueArn"]
+    (deny,) = [s for s in policy["Statement"] if s["Effect"] == "Deny"]
+    assert deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    rules = events.list_rules(NamePrefix=f"{CLUSTER}-karpenter-")["Rules"]
+    patterns = {}
+    for rule in rules:
+        pattern = json.loads(rule["EventPattern"])
+        (detail_type,) = pattern["detail-type"]
+        patterns[detail_type] = pattern["source"]
+        (target,) = events.list_targets_by_rule(Rule=rule["Name"])["Targets"]
+        assert target["Arn"] == attrs["QueueArn"], rule["Name"]
+    assert patterns == {
+        "AWS Health Event": ["aws.health"],
+        "EC2 Spot Instance Interruption Warning": ["aws.ec2"],
+        "EC2 Instance Rebalance Recommendation": ["aws.ec2"],
+        "EC2 Instance State-change Notification": ["aws.ec2"],
+        "EC2 Capacity Reservation Instance Interruption Warning": ["aws.ec2"],
+    }
+
+
+@applies
+def test_karpenter_discovers_the_private_subnets_and_node_security_groups(
+        deployment: Deployment):
+    ec2 = deployment.client("ec2")
+    tag = deployment.out["karpenter_discovery_tag"]
+    assert tag == {"karpenter.sh/discovery": CLUSTER}
+    discovered = [{"Name": "tag:karpenter.sh/discovery", "Values": [CLUSTER]}]
+    subnets = ec2.describe_subnets(Filters=discovered)["Subnets"]
+    assert sorted(s["SubnetId"] for s in subnets) == sorted(deployment.out["private_subnet_ids"])
+    groups = {g["GroupId"]: g for g in ec2.describe_security_groups(Filters=discovered)[
+        "SecurityGroups"]}
+    efa = deployment.out["efa_security_group_id"]
+    assert set(groups) == {deployment.out["node_security_group_id"], efa}
+    # EFA: all traffic from and to the group itself, nothing else.
+    (ingress,) = groups[efa]["IpPermissions"]
+    (egress,) = groups[efa]["IpPermissionsEgress"]
+    for rule in (ingress, egress):
+        assert rule["IpProtocol"] == "-1"
+        assert [p["GroupId"] for p in rule["UserIdGroupPairs"]] == [efa]
+        assert rule.get("IpRanges", []) == []
+    # The EFA pools' cluster placement groups are gated off here (MOTO_GATES).
+    assert deployment.out["placement_group_names"] == {}
+
+
+@applies
+def test_vpc_endpoints_keep_images_checkpoints_and_aws_calls_off_the_nat(
+        deployment: Deployment):
+    ec2 = deployment.client("ec2")
+    endpoints = {e["ServiceName"].removeprefix(f"com.amazonaws.{REGION}."): e
+                 for e in ec2.describe_vpc_endpoints(Filters=[
+                     {"Name": "vpc-id", "Values": [deployment.out["vpc_id"]]}])["VpcEndpoints"]}
+    assert set(endpoints) == {"s3", "ecr.api", "ecr.dkr", "sts", "secretsmanager", "logs"}
+    assert deployment.out["vpc_endpoint_ids"] == {
+        service: e["VpcEndpointId"] for service, e in endpoints.items()}
+    s3 = endpoints.pop("s3")
+    assert s3["VpcEndpointType"] == "Gateway"
+    private_tables = {t["RouteTableId"] for t in ec2.describe_route_tables(Filters=[
+        {"Name": "association.subnet-id", "Values": deployment.out["private_subnet_ids"]}])[
+        "RouteTables"]}
+    assert len(private_tables) == 3 and set(s3["RouteTableIds"]) == private_tables
+    vpc_cidr = ec2.describe_vpcs(VpcIds=[deployment.out["vpc_id"]])["Vpcs"][0]["CidrBlock"]
+    for service, endpoint in endpoints.items():
+        assert endpoint["VpcEndpointType"] == "Interface", service
+        assert endpoint["PrivateDnsEnabled"] is True, service
+        assert sorted(endpoint["SubnetIds"]) == sorted(deployment.out["private_subnet_ids"])
+        (group,) = endpoint["Groups"]
+        (rule,) = ingress(ec2, group["GroupId"])
+        assert (rule["IpProtocol"], rule["FromPort"], rule["ToPort"]) == ("tcp", 443, 443)
+        assert [r["CidrIp"] for r in rule["IpRanges"]] == [vpc_cidr]
+
+
 @applies
 @pytest.mark.parametrize("gate", sorted(MOTO_GATES))
 def test_what_moto_cannot_emulate_is_gated_off_and_on_by_default(deployment: Deployment,
@@ -827,26 +799,29 @@ def test_what_a_gate_turns_on_is_applied(deployment: Deployment, gate: str):
 
 
 @applies
-def test_a_new_catalog_pool_is_applied_without_editing_terraform(deployment: Deployment):
+def test_new_catalog_pools_are_applied_without_editing_terraform(deployment: Deployment):
+    """A new pool without GPUs becomes a node group; a new GPU pool needs nothing from Terraform
+    (Karpenter's NodePool is rendered into infra/k8s): one apply, exactly the node group."""
     eks = deployment.client("eks")
     before = {n: eks.describe_nodegroup(clusterName=CLUSTER, nodegroupName=n)["nodegroup"][
         "nodegroupArn"] for n in eks.list_nodegroups(clusterName=CLUSTER)["nodegroups"]}
     data = load_catalog().model_dump(mode="json")
-    data["pools"].append(A10G_POOL)
+    data["pools"] += [CPU_POOL, A10G_POOL]
     catalog = Catalog.parse(data)
     tf_files = {p: p.read_text() for p in deployment.root.rglob("*.tf")}
     write_tfvars(catalog, deployment.env_dir / TFVARS_NAME)
     out = deployment.apply()
     assert {p: p.read_text() for p in deployment.root.rglob("*.tf")} == tf_files
-    # Exactly the new pool's launch template and node group; nothing replaced or changed.
+    # Exactly the new node group and its launch template; nothing replaced or changed (also: no
+    # drift in anything applied before).
     assert "Apply complete! Resources: 2 added, 0 changed, 0 destroyed." in out
-    pool = catalog.pool("a10g-inference")
-    ng = eks.describe_nodegroup(clusterName=CLUSTER, nodegroupName="a10g-inference")["nodegroup"]
-    assert ng["instanceTypes"] == ["g5.12xlarge"]
-    assert ng["capacityType"] == "SPOT"
+    pool = catalog.pool("cpu-batch")
+    ng = eks.describe_nodegroup(clusterName=CLUSTER, nodegroupName="cpu-batch")["nodegroup"]
+    assert ng["instanceTypes"] == ["m7i.4xlarge"]
+    assert (ng["capacityType"], ng["amiType"]) == ("ON_DEMAND", AMI_TYPE_CPU)
     assert ng["labels"] == pool.node_labels
-    assert ng["labels"]["nvidia.com/device-plugin.config"] == "time-slicing-2"
-    assert ng["scalingConfig"] == {"minSize": 0, "maxSize": 3, "desiredSize": 0}
+    assert ng["scalingConfig"] == {"minSize": 1, "maxSize": 3, "desiredSize": 1}
+    assert "a10g-inference" not in eks.list_nodegroups(clusterName=CLUSTER)["nodegroups"]
     after = {n: eks.describe_nodegroup(clusterName=CLUSTER, nodegroupName=n)["nodegroup"][
         "nodegroupArn"] for n in before}
     assert after == before  # the existing node groups were not replaced
@@ -873,3 +848,8 @@ def test_destroy_removes_everything(deployment: Deployment):
     assert deployment.client("rds").describe_db_instances()["DBInstances"] == []
     # The Redis AUTH token (recovery window 0 here) and RDS's managed password are gone.
     assert deployment.client("secretsmanager").list_secrets()["SecretList"] == []
+    # Karpenter's queue and rules, and the VPC endpoints.
+    assert deployment.client("sqs").list_queues().get("QueueUrls", []) == []
+    assert deployment.client("events").list_rules()["Rules"] == []
+    endpoints = deployment.client("ec2").describe_vpc_endpoints()["VpcEndpoints"]
+    assert {e["State"].lower() for e in endpoints} <= {"deleted"}  # listed a while once deleted

@@ -16,13 +16,22 @@ ROOT = TERRAFORM_DIR.parents[1]
 HELM_DIR = ROOT / "infra" / "helm"
 K8S_DIR = ROOT / "infra" / "k8s"
 
-#: A GPU pool that is not in the seed catalog: adding it must need no Terraform edit.
+#: A GPU pool that is not in the seed catalog: adding it must need no Terraform edit (Karpenter
+#: provisions it; Terraform gets one more karpenter_pools entry).
 A10G_POOL = {
     "name": "a10g-inference", "instance_types": ["g5.12xlarge"], "capacity_type": "SPOT",
     "min_nodes": 0, "max_nodes": 3, "sharing": {"mode": "time-slicing", "replicas": 2},
     "taints": [{"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}],
     "worker": {"gpu_units": 1, "cpus": 8, "memory_gib": 32},
     "priority_class": "development", "namespace": "inference",
+}
+
+#: A pool without GPUs that is not in the seed catalog: a new EKS managed node group.
+CPU_POOL = {
+    "name": "cpu-batch", "instance_types": ["m7i.4xlarge"], "capacity_type": "ON_DEMAND",
+    "min_nodes": 1, "max_nodes": 3, "disk_size_gib": 100,
+    "worker": {"cpus": 4, "memory_gib": 16},
+    "priority_class": "development", "namespace": "agentic",
 }
 
 
@@ -97,3 +106,17 @@ def pod_templates(obj: dict) -> list[tuple[str, dict]]:
 
     walk(obj.get("spec", {}), f"{obj['kind']}/{obj['metadata']['name']}.spec")
     return found
+
+
+def aws_secret_store() -> dict:
+    """The rendered ClusterSecretStore that reads Secrets Manager (through the External Secrets
+    IRSA role); others read in-cluster Secrets (the kubernetes provider)."""
+    (store,) = [s for s in rendered("02-clustersecretstore.yaml") if "aws" in s["spec"]["provider"]]
+    return store
+
+
+def aws_external_secrets() -> list[dict]:
+    """The rendered ExternalSecrets that read Secrets Manager (through ``aws_secret_store``)."""
+    name = aws_secret_store()["metadata"]["name"]
+    return [es for es in rendered("08-externalsecret.yaml")
+            if es["spec"]["secretStoreRef"] == {"kind": "ClusterSecretStore", "name": name}]

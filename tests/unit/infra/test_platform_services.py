@@ -12,12 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from raycluster.catalog import load_catalog
 from raycluster.environments import load_environment
-from raycluster.terraform import TERRAFORM_DIR
+from raycluster.karpenter import render_karpenter
+from raycluster.terraform import TERRAFORM_DIR, render_tfvars
 from tests.support.infra import (
+    aws_external_secrets,
+    aws_secret_store,
     external_secrets_service_account,
+    helm_release,
     helm_values,
-    rendered,
     tf_default,
     velero_service_account,
 )
@@ -39,7 +43,7 @@ def test_irsa_trust_defaults_are_the_service_accounts_helm_runs(variables_tf: Pa
 
 
 def test_the_cluster_secret_store_authenticates_as_the_trusted_account():
-    (store,) = rendered("02-clustersecretstore.yaml")
+    store = aws_secret_store()
     ref = store["spec"]["provider"]["aws"]["auth"]["jwt"]["serviceAccountRef"]
     assert [f"{ref['namespace']}/{ref['name']}"] == tf_default(
         ENV_VARIABLES, "external_secrets_service_accounts")
@@ -62,7 +66,7 @@ def test_helm_values_annotate_the_role_terraform_names(release, annotation_path,
 def test_every_rendered_external_secret_is_below_the_prefix_external_secrets_may_read():
     prefix = tf_default(ENV_VARIABLES, "secrets_manager_prefix")
     assert prefix == load_environment("production").secrets_manager_prefix
-    keys = {d["remoteRef"]["key"] for es in rendered("08-externalsecret.yaml")
+    keys = {d["remoteRef"]["key"] for es in aws_external_secrets()
             for d in es["spec"]["data"]}
     assert keys, "no ExternalSecret rendered"
     # Secrets Manager appends -XXXXXX to a secret's name in its ARN; the policy's pattern is
@@ -75,7 +79,7 @@ def test_every_rendered_external_secret_is_below_the_prefix_external_secrets_may
     assert all(fnmatchcase(k, "arn:aws:secretsmanager:*:secret:rds!db-*") for k in outside)
     assert "aws_db_instance.mlflow.master_user_secret[0].secret_arn" in MODULE_MAIN.read_text()
     # The Redis AUTH token Terraform writes is the one the rayplane-redis ExternalSecret reads.
-    (redis_key,) = {d["remoteRef"]["key"] for es in rendered("08-externalsecret.yaml")
+    (redis_key,) = {d["remoteRef"]["key"] for es in aws_external_secrets()
                     if es["metadata"]["name"] == "rayplane-redis" for d in es["spec"]["data"]}
     assert redis_key == f"{prefix}/redis-auth-token"
     assert 'name                    = "${var.secrets_manager_prefix}/redis-auth-token"' in \
@@ -99,3 +103,69 @@ def test_the_image_repository_is_the_one_the_environment_pulls_from():
 ])
 def test_switches_only_tests_turn_default_to_production_values(variable, production_value):
     assert tf_default(ENV_VARIABLES, variable) == production_value
+
+
+# -- Karpenter (issue 15): the names Terraform gives, as the chart and the EC2NodeClasses use them
+
+KARPENTER_DIR = TERRAFORM_DIR / "modules" / "karpenter"
+
+
+def test_the_karpenter_chart_runs_as_the_trusted_account_and_reads_terraforms_queue():
+    release, values = helm_release("karpenter"), helm_values("karpenter")
+    service_account = f"{release['namespace']}/{values['serviceAccount']['name']}"
+    assert service_account == tf_default(ENV_VARIABLES, "karpenter_service_account") == \
+        tf_default(KARPENTER_DIR / "variables.tf", "service_account")
+    # Terraform names the role <cluster>-karpenter-controller and the queue <cluster>-karpenter.
+    role_arn = values["serviceAccount"]["annotations"]["eks.amazonaws.com/role-arn"]
+    assert role_arn.rsplit("/", 1)[-1] == f"{CLUSTER}-karpenter-controller"
+    assert 'name               = "${var.cluster_name}-karpenter-controller"' in \
+        (KARPENTER_DIR / "controller.tf").read_text()
+    assert values["settings"]["interruptionQueue"] == f"{CLUSTER}-karpenter"
+    assert 'interruption_queue_name = "${var.cluster_name}-karpenter"' in \
+        (KARPENTER_DIR / "interruption.tf").read_text()
+    assert values["settings"]["clusterName"] == CLUSTER
+
+
+def test_the_ec2nodeclasses_name_the_role_placement_groups_and_tags_terraform_makes():
+    env = load_environment("production")
+    assert env.cluster_name == CLUSTER
+    main = (KARPENTER_DIR / "main.tf").read_text()
+    assert 'name               = "${var.cluster_name}-karpenter-node"' in main
+    assert 'name     = "${var.cluster_name}-${each.key}"' in main  # the placement groups
+    classes = {o["metadata"]["name"]: o["spec"] for o in render_karpenter(load_catalog(), env)
+               if o["kind"] == "EC2NodeClass"}
+    karpenter_pools = render_tfvars(load_catalog())["karpenter_pools"]
+    assert set(classes) == set(karpenter_pools)
+    for pool, spec in classes.items():
+        assert spec["role"] == f"{CLUSTER}-karpenter-node", pool
+        discovery = [{"tags": {"karpenter.sh/discovery": CLUSTER}}]
+        assert spec["subnetSelectorTerms"] == spec["securityGroupSelectorTerms"] == discovery
+        selector = spec.get("placementGroupSelector")
+        assert selector == ({"name": f"{CLUSTER}-{pool}"} if karpenter_pools[pool]["efa"]
+                            else None), pool
+
+
+@pytest.mark.parametrize("variables_tf, variable", [
+    (ENV_VARIABLES, "enable_network_policy"),
+    (TERRAFORM_DIR / "modules" / "eks-cluster" / "variables.tf", "enable_network_policy"),
+    (ENV_VARIABLES, "enable_placement_groups"),
+])
+def test_network_policy_enforcement_and_placement_groups_default_on(variables_tf, variable):
+    # Finding 4: the VPC CNI enforces NetworkPolicies (tests/integration/test_terraform.py
+    # reads the add-on's planned configuration).
+    assert tf_default(variables_tf, variable) is True
+
+
+def test_the_load_balancer_controller_runs_as_the_trusted_account_and_annotates_its_role():
+    release, values = helm_release("aws-load-balancer-controller"), \
+        helm_values("aws-load-balancer-controller")
+    service_account = f"{release['namespace']}/{values['serviceAccount']['name']}"
+    assert [service_account] == \
+        tf_default(ENV_VARIABLES, "load_balancer_controller_service_accounts") == \
+        tf_default(MODULE_VARIABLES, "load_balancer_controller_service_accounts")
+    role_arn = values["serviceAccount"]["annotations"]["eks.amazonaws.com/role-arn"]
+    assert role_arn.rsplit("/", 1)[-1] == f"{CLUSTER}-aws-load-balancer-controller"
+    module = TERRAFORM_DIR / "modules" / "platform-services"
+    assert 'name               = "${var.name}-aws-load-balancer-controller"' in \
+        (module / "load-balancer-controller.tf").read_text()
+    assert values["clusterName"] == CLUSTER

@@ -1,6 +1,7 @@
-"""The node pools Terraform gets from the catalog (raycluster/terraform.py), the committed
+"""The pools Terraform gets from the catalog (raycluster/terraform.py): pools without GPUs as EKS
+managed node groups, GPU pools as Karpenter's (with their EFA option); the committed
 pools.auto.tfvars.json against what the catalog renders, and the contract between the rendered
-map and the node-pool module's typed variable."""
+maps and the modules' typed variables."""
 
 from __future__ import annotations
 
@@ -14,24 +15,24 @@ from raycluster.catalog import Catalog, load_catalog
 from raycluster.spec import SpecError
 from raycluster.terraform import (
     AMI_TYPE_CPU,
-    AMI_TYPE_GPU,
     TERRAFORM_DIR,
     render_tfvars,
     tfvars_path,
     tfvars_text,
     write_tfvars,
 )
-from tests.support.infra import A10G_POOL
+from tests.support.infra import A10G_POOL, CPU_POOL
 
 NODE_POOL_VARIABLES = TERRAFORM_DIR / "modules" / "node-pool" / "variables.tf"
+KARPENTER_VARIABLES = TERRAFORM_DIR / "modules" / "karpenter" / "variables.tf"
+ENV_VARIABLES = TERRAFORM_DIR / "environments" / "production" / "variables.tf"
 
 
-def _catalog_with(extra_pool: dict | None = None, **pool_changes: dict) -> Catalog:
+def _catalog_with(*extra_pools: dict, **pool_changes: dict) -> Catalog:
     data = load_catalog().model_dump(mode="json")
     for pool in data["pools"]:
         pool.update(pool_changes.get(pool["name"].replace("-", "_"), {}))
-    if extra_pool:
-        data["pools"].append(extra_pool)
+    data["pools"].extend(extra_pools)
     return Catalog.parse(data)
 
 
@@ -44,65 +45,62 @@ def test_committed_production_tfvars_match_the_catalog():
     assert committed == tfvars_text(load_catalog())
 
 
-def test_every_catalog_pool_becomes_a_node_group_with_its_shape():
+def test_pools_without_gpus_become_node_groups_with_their_shape():
     catalog = load_catalog()
     pools = render_tfvars(catalog)["node_pools"]
-    assert list(pools) == [p.name for p in catalog.pools]
+    assert list(pools) == [p.name for p in catalog.pools if not p.has_gpu] == ["cpu"]
     cpu = pools["cpu"]
     assert cpu["instance_types"] == ["m6i.4xlarge", "m7i.4xlarge"]
     assert (cpu["capacity_type"], cpu["ami_type"]) == ("ON_DEMAND", AMI_TYPE_CPU)
     assert (cpu["min_size"], cpu["desired_size"], cpu["max_size"]) == (2, 3, 10)
     assert cpu["disk_size_gib"] == 100
     assert cpu["taints"] == []
-    spot = pools["a100-timeslice"]
-    assert (spot["capacity_type"], spot["ami_type"]) == ("SPOT", AMI_TYPE_GPU)
-    # desired_nodes is unset in the catalog: the node group starts at min_nodes.
-    assert (spot["min_size"], spot["desired_size"], spot["max_size"]) == (0, 0, 4)
-    assert spot["disk_size_gib"] == 200
+    assert cpu["labels"] == {"rayplane.io/pool": "cpu"} == catalog.pool("cpu").node_labels
 
 
-def test_gpu_operator_labels_select_time_slicing_or_mig():
-    pools = render_tfvars(load_catalog())["node_pools"]
-    assert pools["a100-timeslice"]["labels"] == {
-        "rayplane.io/pool": "a100-timeslice",
-        "nvidia.com/device-plugin.config": "time-slicing-3",
-        "nvidia.com/gpu.product-family": "a100",
-    }
-    assert pools["a100-mig"]["labels"]["nvidia.com/mig.config"] == "all-3g.40gb"
-    assert "nvidia.com/device-plugin.config" not in pools["a100-mig"]["labels"]
-    assert pools["cpu"]["labels"] == {"rayplane.io/pool": "cpu"}
-    for name, pool in pools.items():
-        assert pool["labels"] == load_catalog().pool(name).node_labels
+def test_gpu_pools_are_karpenters_not_node_groups_nothing_scales():
+    """Finding 1: a GPU pool as a managed node group at 0 nodes stays at 0 (no autoscaler);
+    Karpenter provisions them, and Terraform gets only what it makes for them (EFA)."""
+    catalog = load_catalog()
+    rendered = render_tfvars(catalog)
+    gpu_pools = [p.name for p in catalog.pools if p.has_gpu]
+    assert gpu_pools == ["a100-timeslice", "a100-mig", "h100-timeslice"]
+    assert not set(gpu_pools) & set(rendered["node_pools"])
+    assert rendered["karpenter_pools"] == {
+        "a100-timeslice": {"efa": True}, "a100-mig": {"efa": False},
+        "h100-timeslice": {"efa": True}}
+    assert all(rendered["karpenter_pools"][p.name]["efa"] == p.efa for p in catalog.pools
+               if p.has_gpu)
 
 
 def test_taints_use_the_eks_api_spelling():
-    pools = render_tfvars(load_catalog())["node_pools"]
-    assert pools["h100-timeslice"]["taints"] == [
-        {"key": "nvidia.com/gpu", "value": "true", "effect": "NO_SCHEDULE"}]
     catalog = _catalog_with(cpu={"taints": [{"key": "a", "value": "b", "effect": "NoExecute"},
-                                            {"key": "c", "effect": "PreferNoSchedule"}]})
+                                            {"key": "c", "effect": "PreferNoSchedule"},
+                                            {"key": "d", "effect": "NoSchedule"}]})
     assert [t["effect"] for t in render_tfvars(catalog)["node_pools"]["cpu"]["taints"]] == [
-        "NO_EXECUTE", "PREFER_NO_SCHEDULE"]
+        "NO_EXECUTE", "PREFER_NO_SCHEDULE", "NO_SCHEDULE"]
 
 
-def test_a_new_catalog_pool_is_a_new_node_pool_without_touching_terraform():
-    pools = render_tfvars(_catalog_with(A10G_POOL))["node_pools"]
-    assert list(pools)[-1] == "a10g-inference"
-    new = pools["a10g-inference"]
-    assert new["instance_types"] == ["g5.12xlarge"]
-    assert new["labels"]["nvidia.com/device-plugin.config"] == "time-slicing-2"
-    assert (new["capacity_type"], new["ami_type"], new["max_size"]) == ("SPOT", AMI_TYPE_GPU, 3)
-    # The other pools render exactly as before.
-    before = render_tfvars(load_catalog())["node_pools"]
-    assert {k: v for k, v in pools.items() if k != "a10g-inference"} == before
+def test_new_catalog_pools_need_no_terraform_edit():
+    before = render_tfvars(load_catalog())
+    rendered = render_tfvars(_catalog_with(CPU_POOL, A10G_POOL))
+    pools, karpenter = rendered["node_pools"], rendered["karpenter_pools"]
+    assert list(pools) == ["cpu", "cpu-batch"]
+    new = pools["cpu-batch"]
+    assert new["instance_types"] == ["m7i.4xlarge"]
+    assert (new["capacity_type"], new["ami_type"], new["max_size"]) == ("ON_DEMAND",
+                                                                        AMI_TYPE_CPU, 3)
+    # The GPU pool is one more Karpenter pool (g5 has no EFA); the rest renders as before.
+    assert karpenter == {**before["karpenter_pools"], "a10g-inference": {"efa": False}}
+    assert {k: v for k, v in pools.items() if k != "cpu-batch"} == before["node_pools"]
 
 
 def test_a_pool_eks_cannot_build_is_refused_naming_the_field():
-    catalog = _catalog_with(h100_timeslice={"max_nodes": 0})
+    catalog = _catalog_with(cpu={"min_nodes": 0, "desired_nodes": 0, "max_nodes": 0})
     with pytest.raises(SpecError) as err:
         render_tfvars(catalog)
-    assert str(err.value).startswith("pools[3].max_nodes: 0 cannot become an EKS node group")
-    assert err.value.field == "pools[3].max_nodes"
+    assert str(err.value).startswith("pools[0].max_nodes: 0 cannot become an EKS node group")
+    assert err.value.field == "pools[0].max_nodes"
 
 
 def test_write_tfvars_writes_what_terraform_loads(tmp_path: Path):
@@ -121,15 +119,24 @@ def _object_attributes(variables_tf: str, variable: str) -> set[str]:
     return set(re.findall(r"^    ([a-z_]+)\s*=", type_expr[1], re.MULTILINE))
 
 
-@pytest.mark.parametrize("variables_tf, variable", [
-    (NODE_POOL_VARIABLES, "pools"),
-    (TERRAFORM_DIR / "environments" / "production" / "variables.tf", "node_pools"),
+@pytest.mark.parametrize("variables_tf, variable, rendered_map", [
+    (NODE_POOL_VARIABLES, "pools", "node_pools"),
+    (ENV_VARIABLES, "node_pools", "node_pools"),
+    (KARPENTER_VARIABLES, "pools", "karpenter_pools"),
+    (ENV_VARIABLES, "karpenter_pools", "karpenter_pools"),
 ])
-def test_rendered_pool_fields_are_the_terraform_variable_type(variables_tf: Path, variable: str):
+def test_rendered_pool_fields_are_the_terraform_variable_type(variables_tf: Path, variable: str,
+                                                              rendered_map: str):
     # Terraform drops unknown object attributes silently; a renamed field would vanish.
     attributes = _object_attributes(variables_tf.read_text(), variable)
-    rendered = set(next(iter(render_tfvars(load_catalog())["node_pools"].values())))
+    rendered = set(next(iter(render_tfvars(load_catalog())[rendered_map].values())))
     assert attributes == rendered
+
+
+def test_the_rendered_maps_are_the_environments_variables():
+    text = ENV_VARIABLES.read_text()
+    assert set(render_tfvars(load_catalog())) == {
+        name for name in ("node_pools", "karpenter_pools") if f'variable "{name}"' in text}
 
 
 TF_FILES = sorted(TERRAFORM_DIR.glob("*/**/variables.tf"))

@@ -1,5 +1,7 @@
 # The production platform: composes the modules, nothing else. The node pools come from
-# pools.auto.tfvars.json (rendered from the pool catalog by `rayplane render`).
+# pools.auto.tfvars.json (rendered from the pool catalog by `rayplane render`): the pools
+# without GPUs as managed node groups (node_pools), the GPU pools as what Karpenter needs from
+# AWS to provision them (karpenter_pools).
 
 provider "aws" {
   region = var.region
@@ -49,6 +51,7 @@ module "eks" {
   vpc_cidr              = module.network.vpc_cidr
   subnet_ids            = module.network.private_subnet_ids
   cluster_role_arn      = module.security.cluster_role_arn
+  enable_network_policy = var.enable_network_policy
   secrets_kms_key_arn   = module.security.secrets_kms_key_arn
   logs_kms_key_arn      = module.security.data_kms_key_arn
   public_access_cidrs   = var.public_access_cidrs
@@ -92,15 +95,30 @@ module "platform" {
   access_log_bucket      = module.storage.access_log_bucket_name
   force_destroy          = var.force_destroy_buckets
 
-  ecr_repository_name               = var.ecr_repository_name
-  external_secrets_service_accounts = var.external_secrets_service_accounts
-  velero_service_accounts           = var.velero_service_accounts
-  enable_redis                      = var.enable_gcs_redis
-  redis_node_type                   = var.redis_node_type
-  mlflow_db_instance_class          = var.mlflow_db_instance_class
-  mlflow_db_deletion_protection     = var.mlflow_db_deletion_protection
-  mlflow_db_skip_final_snapshot     = var.mlflow_db_skip_final_snapshot
-  secret_recovery_window_days       = var.secret_recovery_window_days
+  ecr_repository_name                       = var.ecr_repository_name
+  external_secrets_service_accounts         = var.external_secrets_service_accounts
+  velero_service_accounts                   = var.velero_service_accounts
+  load_balancer_controller_service_accounts = var.load_balancer_controller_service_accounts
+  enable_redis                              = var.enable_gcs_redis
+  redis_node_type                           = var.redis_node_type
+  mlflow_db_instance_class                  = var.mlflow_db_instance_class
+  mlflow_db_deletion_protection             = var.mlflow_db_deletion_protection
+  mlflow_db_skip_final_snapshot             = var.mlflow_db_skip_final_snapshot
+  secret_recovery_window_days               = var.secret_recovery_window_days
+}
+
+module "karpenter" {
+  source = "../../modules/karpenter"
+
+  cluster_name            = module.eks.name
+  vpc_id                  = module.network.vpc_id
+  node_security_group_id  = module.eks.cluster_security_group_id
+  oidc_provider_arn       = module.eks.oidc_provider_arn
+  oidc_issuer             = module.eks.oidc_issuer
+  service_account         = var.karpenter_service_account
+  pools                   = var.karpenter_pools
+  enable_access_entry     = var.enable_access_entries
+  enable_placement_groups = var.enable_placement_groups
 }
 
 module "node_pools" {

@@ -39,7 +39,7 @@ output "private_subnet_ids" {
 }
 
 output "node_groups" {
-  description = "Managed node group per catalog pool."
+  description = "Managed node group per catalog pool without GPUs (the GPU pools are Karpenter's)."
   value       = module.node_pools.node_groups
 }
 
@@ -93,6 +93,11 @@ output "velero_role_arn" {
   value       = module.platform.velero_role_arn
 }
 
+output "load_balancer_controller_role_arn" {
+  description = "IRSA role of the AWS Load Balancer Controller: serviceAccount.annotations in infra/helm/aws-load-balancer-controller/values.yaml."
+  value       = module.platform.load_balancer_controller_role_arn
+}
+
 output "velero_bucket_name" {
   description = "Velero's backup bucket: configuration.backupStorageLocation[0].bucket in infra/helm/velero/values.yaml."
   value       = module.platform.velero_bucket_name
@@ -131,4 +136,44 @@ output "mlflow_db_secret_arn" {
 output "node_security_group_id" {
   description = "Security group of the nodes (the EKS cluster security group): the only source Redis and PostgreSQL admit; admit it in further services the pods reach."
   value       = module.eks.cluster_security_group_id
+}
+
+output "karpenter_controller_role_arn" {
+  description = "IRSA role of the Karpenter controller: serviceAccount.annotations of infra/helm/karpenter's values."
+  value       = module.karpenter.controller_role_arn
+}
+
+output "karpenter_node_role_name" {
+  description = "Role of the nodes Karpenter launches: spec.role of the rendered EC2NodeClasses."
+  value       = module.karpenter.node_role_name
+}
+
+output "karpenter_node_instance_profile_name" {
+  description = "Instance profile of the Karpenter node role (for an EC2NodeClass naming spec.instanceProfile)."
+  value       = module.karpenter.node_instance_profile_name
+}
+
+output "karpenter_interruption_queue_name" {
+  description = "Karpenter's interruption queue: settings.interruptionQueue of infra/helm/karpenter's values."
+  value       = module.karpenter.interruption_queue_name
+}
+
+output "karpenter_discovery_tag" {
+  description = "The tag the EC2NodeClasses select subnets and security groups by."
+  value       = module.karpenter.discovery_tag
+}
+
+output "efa_security_group_id" {
+  description = "Security group for EFA traffic between the EFA pools' nodes (selected by the discovery tag)."
+  value       = module.karpenter.efa_security_group_id
+}
+
+output "placement_group_names" {
+  description = "Cluster placement group per EFA pool: spec.placementGroupSelector.name of its EC2NodeClass."
+  value       = module.karpenter.placement_group_names
+}
+
+output "vpc_endpoint_ids" {
+  description = "VPC endpoint per AWS service: S3 (gateway), ECR API and registry, STS, Secrets Manager, CloudWatch Logs (interface, private DNS)."
+  value       = module.network.vpc_endpoint_ids
 }

@@ -75,7 +75,7 @@ variable "access_entries" {
 }
 
 variable "node_pools" {
-  description = "The node pools, rendered from the pool catalog into pools.auto.tfvars.json by `rayplane render`. Do not edit by hand: change raycluster/data/pools.yaml and render."
+  description = "The node pools without GPUs (EKS managed node groups), rendered from the pool catalog into pools.auto.tfvars.json by `rayplane render`. Do not edit by hand: change raycluster/data/pools.yaml and render."
   type = map(object({
     instance_types = list(string)
     capacity_type  = string
@@ -91,6 +91,31 @@ variable "node_pools" {
       effect = string
     }))
   }))
+}
+
+variable "karpenter_pools" {
+  description = "The GPU pools Karpenter provisions, rendered from the pool catalog into pools.auto.tfvars.json by `rayplane render` (their NodePools and EC2NodeClasses are in infra/k8s). Do not edit by hand."
+  type = map(object({
+    efa = bool
+  }))
+  default = {}
+}
+
+variable "karpenter_service_account" {
+  description = "Service account (namespace/name) of the Karpenter controller that infra/helm/karpenter installs: the only one that may assume its IRSA role."
+  type        = string
+  default     = "karpenter/karpenter"
+
+  validation {
+    condition     = can(regex("^[a-z0-9-]+/[a-z0-9.-]+$", var.karpenter_service_account))
+    error_message = "var.karpenter_service_account must be a namespace/name pair, such as karpenter/karpenter."
+  }
+}
+
+variable "enable_network_policy" {
+  description = "Enforce the rendered NetworkPolicies with the VPC CNI (enableNetworkPolicy of the vpc-cni add-on)."
+  type        = bool
+  default     = true
 }
 
 variable "bucket_name" {
@@ -151,6 +176,17 @@ variable "external_secrets_service_accounts" {
   validation {
     condition     = alltrue([for sa in var.external_secrets_service_accounts : can(regex("^[a-z0-9-]+/[a-z0-9.-]+$", sa))])
     error_message = "var.external_secrets_service_accounts must hold namespace/name pairs, such as external-secrets/external-secrets."
+  }
+}
+
+variable "load_balancer_controller_service_accounts" {
+  description = "Service accounts (namespace/name) that may assume the AWS Load Balancer Controller's IRSA role: the controller that infra/helm/aws-load-balancer-controller installs (release in kube-system)."
+  type        = list(string)
+  default     = ["kube-system/aws-load-balancer-controller"]
+
+  validation {
+    condition     = alltrue([for sa in var.load_balancer_controller_service_accounts : can(regex("^[a-z0-9-]+/[a-z0-9.-]+$", sa))])
+    error_message = "var.load_balancer_controller_service_accounts must hold namespace/name pairs, such as kube-system/aws-load-balancer-controller."
   }
 }
 
@@ -224,6 +260,12 @@ variable "enable_access_entries" {
 
 variable "enable_backup_policies" {
   description = "Create the EBS snapshot policy and EFS backups. Off only against an emulator without Data Lifecycle Manager (moto in tests)."
+  type        = bool
+  default     = true
+}
+
+variable "enable_placement_groups" {
+  description = "Create a cluster placement group per EFA pool. Off only against an emulator without the placement-group API (moto in tests)."
   type        = bool
   default     = true
 }

@@ -111,12 +111,28 @@ resource "aws_eks_access_policy_association" "this" {
   }
 }
 
+locals {
+  # The VPC CNI enforces NetworkPolicy objects only with enableNetworkPolicy (its network policy
+  # agent on every node, the controller on the control plane); without it the cluster accepts
+  # the policies rayplane renders and enforces none (issue 15, finding 4). The add-on's
+  # configuration schema takes the value as a string.
+  addon_configuration = {
+    for name, addon in var.addons : name => (
+      name == "vpc-cni"
+      ? jsonencode(merge(jsondecode(coalesce(addon.configuration_values, "{}")),
+      { enableNetworkPolicy = tostring(var.enable_network_policy) }))
+      : addon.configuration_values
+    )
+  }
+}
+
 resource "aws_eks_addon" "this" {
   for_each = var.enable_addons ? var.addons : {}
 
   cluster_name                = aws_eks_cluster.this.name
   addon_name                  = each.key
   addon_version               = each.value.version
+  configuration_values        = local.addon_configuration[each.key]
   resolve_conflicts_on_create = "OVERWRITE"
   resolve_conflicts_on_update = "PRESERVE"
   tags                        = var.tags

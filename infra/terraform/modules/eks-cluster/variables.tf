@@ -139,14 +139,21 @@ variable "enable_access_entries" {
 }
 
 variable "addons" {
-  description = "EKS add-ons the nodes need before they can become Ready (VPC CNI, kube-proxy), by name; version null takes the default for the cluster version."
+  description = "EKS add-ons the nodes need before they can become Ready (VPC CNI, kube-proxy), by name; version null takes the default for the cluster version; configuration_values is the add-on's JSON configuration (the VPC CNI's enableNetworkPolicy comes from var.enable_network_policy)."
   type = map(object({
-    version = optional(string)
+    version              = optional(string)
+    configuration_values = optional(string)
   }))
   default = {
     "vpc-cni"    = {}
     "kube-proxy" = {}
   }
+}
+
+variable "enable_network_policy" {
+  description = "Enforce Kubernetes NetworkPolicies with the VPC CNI (its enableNetworkPolicy setting). Off leaves every NetworkPolicy on paper."
+  type        = bool
+  default     = true
 }
 
 variable "enable_addons" {

@@ -68,6 +68,8 @@ resource "aws_subnet" "private" {
   tags = merge(var.tags, local.cluster_tag, {
     Name                              = "${var.name}-private-${each.key}"
     "kubernetes.io/role/internal-elb" = "1"
+    # Karpenter's EC2NodeClasses select the subnets of the GPU nodes by this tag.
+    "karpenter.sh/discovery" = var.name
   })
 }
 

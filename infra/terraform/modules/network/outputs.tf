@@ -37,3 +37,14 @@ output "nat_public_ips" {
   description = "Egress addresses of the nodes (for allow-lists elsewhere)."
   value       = [for az in local.nat_azs : aws_eip.nat[az].public_ip]
 }
+
+output "vpc_endpoint_ids" {
+  description = "VPC endpoint id per AWS service (s3: the gateway endpoint; the others: interface endpoints with private DNS)."
+  value = merge({ s3 = aws_vpc_endpoint.s3.id },
+  { for service, endpoint in aws_vpc_endpoint.interface : service => endpoint.id })
+}
+
+output "vpc_endpoints_security_group_id" {
+  description = "Security group of the interface endpoints (HTTPS from the VPC)."
+  value       = aws_security_group.endpoints.id
+}

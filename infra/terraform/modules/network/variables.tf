@@ -66,3 +66,14 @@ variable "tags" {
   type        = map(string)
   default     = {}
 }
+
+variable "interface_endpoints" {
+  description = "AWS services that get an interface VPC endpoint with private DNS (the suffix of com.amazonaws.<region>.<service>): image pulls (ecr.api, ecr.dkr), IRSA (sts), External Secrets (secretsmanager) and log shipping (logs). S3 always gets a gateway endpoint."
+  type        = list(string)
+  default     = ["ecr.api", "ecr.dkr", "sts", "secretsmanager", "logs"]
+
+  validation {
+    condition     = alltrue([for s in var.interface_endpoints : can(regex("^[a-z0-9-]+(\\.[a-z0-9-]+)*$", s)) && s != "s3"])
+    error_message = "var.interface_endpoints must hold service names such as ecr.api or sts (S3 has its gateway endpoint already)."
+  }
+}

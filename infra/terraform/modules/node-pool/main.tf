@@ -1,6 +1,7 @@
-# One EKS managed node group per pool of the catalog. The pools arrive as one typed map
-# (pools.auto.tfvars.json, rendered by `rayplane render`), so a new pool in the catalog is a
-# new node group here without touching Terraform.
+# One EKS managed node group per pool of the catalog that has no GPUs (the system pool the
+# heads, MLOps tools and Karpenter itself run on; Karpenter provisions the GPU pools). The pools
+# arrive as one typed map (pools.auto.tfvars.json, rendered by `rayplane render`), so a new such
+# pool in the catalog is a new node group here without touching Terraform.
 
 resource "aws_launch_template" "pool" {
   for_each = var.pools
@@ -96,7 +97,8 @@ resource "aws_eks_node_group" "pool" {
   tags = merge(var.tags, { "rayplane.io/pool" = each.key })
 
   lifecycle {
-    # The cluster autoscaler moves desired_size; Terraform owns only the bounds.
+    # desired_size is the starting size; a group resized by hand (aws eks
+    # update-nodegroup-config) is not set back by the next apply. Terraform owns the bounds.
     ignore_changes = [scaling_config[0].desired_size]
   }
 }

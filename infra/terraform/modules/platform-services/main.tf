@@ -1,6 +1,7 @@
 # The AWS services the platform's Kubernetes side expects (docs/deployment.md): the image
 # repository of the Ray images, IRSA roles for External Secrets (the Ray token, Redis AUTH and
-# API-key Secrets come from Secrets Manager through it) and Velero (with its backup bucket),
+# API-key Secrets come from Secrets Manager through it), Velero (with its backup bucket) and the
+# AWS Load Balancer Controller (load-balancer-controller.tf),
 # ElastiCache Redis for Ray GCS fault tolerance, and RDS PostgreSQL for MLflow's backend store.
 
 data "aws_caller_identity" "current" {}
@@ -18,8 +19,9 @@ locals {
   secrets_arn_pattern = "arn:${local.partition}:secretsmanager:${local.region}:${local.account_id}:secret:${var.secrets_manager_prefix}/*"
 
   irsa_service_accounts = {
-    "external-secrets" = var.external_secrets_service_accounts
-    velero             = var.velero_service_accounts
+    "external-secrets"             = var.external_secrets_service_accounts
+    velero                         = var.velero_service_accounts
+    "aws-load-balancer-controller" = var.load_balancer_controller_service_accounts
   }
 }
 

@@ -72,3 +72,8 @@ output "mlflow_db_security_group_id" {
   description = "Security group of MLflow's PostgreSQL (ingress from the node security group only)."
   value       = aws_security_group.mlflow_db.id
 }
+
+output "load_balancer_controller_role_arn" {
+  description = "IRSA role of the AWS Load Balancer Controller: serviceAccount.annotations in infra/helm/aws-load-balancer-controller/values.yaml."
+  value       = aws_iam_role.load_balancer_controller.arn
+}

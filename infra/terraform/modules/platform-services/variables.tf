@@ -139,6 +139,17 @@ variable "external_secrets_service_accounts" {
   }
 }
 
+variable "load_balancer_controller_service_accounts" {
+  description = "Service accounts (namespace/name) that may assume the AWS Load Balancer Controller's IRSA role: the controller that infra/helm/aws-load-balancer-controller installs."
+  type        = list(string)
+  default     = ["kube-system/aws-load-balancer-controller"]
+
+  validation {
+    condition     = length(var.load_balancer_controller_service_accounts) > 0 && alltrue([for sa in var.load_balancer_controller_service_accounts : can(regex("^[a-z0-9-]+/[a-z0-9.-]+$", sa))])
+    error_message = "var.load_balancer_controller_service_accounts must hold namespace/name pairs, such as kube-system/aws-load-balancer-controller."
+  }
+}
+
 variable "velero_service_accounts" {
   description = "Service accounts (namespace/name) allowed to assume <name>-velero: the Velero server of infra/helm/velero (release velero in namespace velero; the chart names its server account <fullname>-server = velero-server)."
   type        = list(string)
