@@ -298,6 +298,24 @@ def pool_fit(pool: Pool, *, gpu_units: int, cpus: float, memory_gib: float) -> F
     return min(fits, key=lambda f: f.workers)
 
 
+def standing_nodes(pool: Pool) -> int | None:
+    """The nodes a MIG pool keeps standing (its ``desired_nodes``, default ``min_nodes``), or
+    None for a pool that scales with demand. Karpenter launches a node only for resources an
+    instance type offers, and ``nvidia.com/mig-*`` exists only once the MIG manager has cut the
+    node's GPUs: a MIG pool is a static NodePool (raycluster.karpenter) and never grows past
+    these, whatever its ``max_nodes`` (then only the bound on a replacement's surge)."""
+    if pool.sharing.mode != "mig":
+        return None
+    return pool.min_nodes if pool.desired_nodes is None else pool.desired_nodes
+
+
+def schedulable_nodes(pool: Pool) -> int:
+    """How many nodes a pool's workers can ever be spread over: its standing nodes when it
+    has them, else ``max_nodes``."""
+    standing = standing_nodes(pool)
+    return pool.max_nodes if standing is None else standing
+
+
 def misfit(pool: Pool, *, gpu_units: int, cpus: float, memory_gib: float) -> tuple[str, str] | None:
     """Why not even one worker of this shape fits a node of the pool, as (field, reason), the
     field relative to the worker (``cpus``, ``memory_gib``, ``gpu_units``); None when it fits."""
@@ -328,4 +346,4 @@ __all__ = ["DAEMONSETS", "Quota", "EVICTION_HARD_MEMORY_MI", "KARPENTER_MAX_PODS
            "MESH_PROXY_MEMORY_MI", "VM_MEMORY_OVERHEAD", "DaemonSet", "Fit", "NodeBudget",
            "Resources", "RunsOn", "daemonsets_on", "fit", "kube_reserved_cpu_m",
            "kube_reserved_memory_mi", "misfit", "node_budget", "pod_request", "pool_budgets",
-           "pool_fit"]
+           "pool_fit", "schedulable_nodes", "standing_nodes"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from raycluster.capacity import Fit, Quota, misfit, pool_fit
+from raycluster.capacity import Fit, Quota, misfit, pool_fit, schedulable_nodes
 from raycluster.hardware import (
     GPUModel,
     InstanceType,
@@ -317,7 +317,7 @@ class Pool(Spec):
 
     @property
     def max_workers(self) -> int:
-        return self.workers_per_node * self.max_nodes
+        return self.workers_per_node * schedulable_nodes(self)
 
 
 class PriorityClass(Spec):

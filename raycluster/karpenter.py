@@ -34,8 +34,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from raycluster.capacity import KARPENTER_MAX_PODS
-from raycluster.catalog import CapacityType, Catalog, Pool, SharingMode
+from raycluster.capacity import KARPENTER_MAX_PODS, standing_nodes
+from raycluster.catalog import CapacityType, Catalog, Pool
 from raycluster.hardware import hardware
 from raycluster.policy import meta
 from raycluster.spec import SpecError
@@ -177,13 +177,13 @@ def is_static(pool: Pool) -> bool:
     """A MIG pool's NodePool keeps standing nodes (``spec.replicas``): Karpenter launches only
     for resources an instance type offers, and ``nvidia.com/mig-*`` exists only once the MIG
     manager has cut the node's GPUs, so a pending MIG worker would never get a node."""
-    return pool.sharing.mode is SharingMode.mig
+    return standing_nodes(pool) is not None
 
 
 def static_replicas(pool: Pool) -> int:
     """The nodes a static pool keeps: the catalog's ``desired_nodes`` (nodes at creation),
     default ``min_nodes``."""
-    return pool.min_nodes if pool.desired_nodes is None else pool.desired_nodes
+    return standing_nodes(pool) or 0
 
 
 def limits(pool: Pool) -> dict[str, str | int]:

@@ -8,7 +8,13 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from raycluster.capacity import MESH_PROXY_CPU_M, MESH_PROXY_MEMORY_MI, pool_budgets
+from raycluster.capacity import (
+    MESH_PROXY_CPU_M,
+    MESH_PROXY_MEMORY_MI,
+    pool_budgets,
+    schedulable_nodes,
+    standing_nodes,
+)
 from raycluster.catalog import load_catalog
 from raycluster.cli.common import CatalogOpt, JsonOpt, console
 
@@ -20,8 +26,8 @@ def pools_check(file: Path = typer.Argument(..., help="Pools file to validate.")
     """Validate a pools file: exit 0 when good, 2 with the field named when not."""
     catalog = load_catalog(file)
     console.print(f"{file}: ok ({len(catalog.pools)} pools, "
-                  f"{sum(p.gpu_units_per_node * p.max_nodes for p in catalog.pools)} GPU units "
-                  "at max nodes)")
+                  f"{sum(p.gpu_units_per_node * schedulable_nodes(p) for p in catalog.pools)} GPU "
+                  "units at most)")
 
 
 @pools_app.command("show")
@@ -47,7 +53,9 @@ def pools_show(catalog_file: CatalogOpt = None, as_json: JsonOpt = False) -> Non
             "memory_per_unit_gb": round(p.memory_per_unit_gb, 2),
             "kubernetes_resource": p.kubernetes_resource,
             "ray_resources_per_worker": p.ray_resources(),
-            "nodes": f"{p.min_nodes}-{p.max_nodes}",
+            # A MIG pool keeps standing nodes (Karpenter cannot launch for MIG resources).
+            "nodes": (f"{p.min_nodes}-{p.max_nodes}" if standing_nodes(p) is None
+                      else f"{standing_nodes(p)} standing"),
             "capacity_type": p.capacity_type.value,
             "priority_class": p.priority_class,
             "efa": p.efa,

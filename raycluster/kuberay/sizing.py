@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from raycluster.capacity import misfit
+from raycluster.capacity import misfit, schedulable_nodes
 from raycluster.catalog import Catalog, Pool, SharingMode
 from raycluster.environments import WorkerGroupSpec
 from raycluster.spec import SpecError
@@ -51,7 +51,7 @@ def resolve_group(catalog: Catalog, group: WorkerGroupSpec, field: str) -> Group
     max_replicas = group.max_replicas
     if max_replicas is None:
         per_node = pool.workers_per_node_of(gpu_units=gpu_units, cpus=cpus, memory_gib=memory)
-        max_replicas = max(1, per_node * pool.max_nodes)
+        max_replicas = max(1, per_node * schedulable_nodes(pool))
     return GroupShape(pool=pool, name=group.group_name, gpu_units=gpu_units, cpus=cpus,
                       memory_gib=memory, min_replicas=group.min_replicas,
                       max_replicas=max_replicas,

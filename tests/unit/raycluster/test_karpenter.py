@@ -141,6 +141,20 @@ def test_the_standing_mig_nodes_hold_every_mig_worker_at_max_replicas(objects, c
             f"{name}: {want} workers at max, {node_pool['spec']['replicas']} node(s) of {room}"
 
 
+def test_a_mig_pool_holds_only_what_its_standing_nodes_hold(catalog, env):
+    # max_nodes bounds only a replacement's surge on a static pool: sizing a worker group or
+    # a training run by it would promise pods that never get a node.
+    from raycluster.environments import WorkerGroupSpec
+    from raycluster.kuberay.sizing import resolve_group
+
+    pool = catalog.pool("a100-mig")
+    standing = karpenter.static_replicas(pool)
+    assert 1 <= standing < pool.max_nodes
+    assert pool.max_workers == pool.workers_per_node * standing
+    group = resolve_group(catalog, WorkerGroupSpec(pool="a100-mig"), "clusters[0].worker_groups[0]")
+    assert group.max_replicas == pool.workers_per_node * standing
+
+
 def test_a_mig_pool_without_standing_nodes_is_refused_naming_the_field(catalog, env):
     data = catalog.model_dump(mode="json")
     index = next(i for i, p in enumerate(data["pools"]) if p["name"] == "a100-mig")
