@@ -207,19 +207,14 @@ def wait_routes(target: ServeTarget, prefixes: list[str], timeout: float = 120) 
     one fails its health check too) is asked again each round: settled means two rounds a second
     apart in which every proxy that answered listed every prefix. PlatformError naming the
     proxies that still lack a route after ``timeout`` seconds."""
-    import urllib.error
-    import urllib.request
-
     wanted = {p.rstrip("/") or "/" for p in prefixes}
     deadline = time.monotonic() + timeout
     settled = 0
     while True:
         lacking: dict[str, set[str]] = {}
         for url in target.proxy_urls:
-            try:
-                with urllib.request.urlopen(f"{url}/-/routes", timeout=2) as resp:
-                    routes = {r.rstrip("/") or "/" for r in json.loads(resp.read())}
-            except (urllib.error.URLError, OSError, ValueError):
+            routes = proxy_routes(url)
+            if routes is None:
                 continue  # no proxy there now (or not one that lists routes yet)
             if not wanted <= routes:
                 lacking[url] = wanted - routes
@@ -232,6 +227,23 @@ def wait_routes(target: ServeTarget, prefixes: list[str], timeout: float = 120) 
             raise PlatformError(f"Serve proxies did not learn the new routes within "
                                 f"{timeout:.0f}s: {what}")
         time.sleep(1)
+
+
+def proxy_routes(url: str) -> set[str] | None:
+    """The route prefixes the Serve proxy at ``url`` lists, or None when it does not answer
+    with a list: nothing listens, it is starting (a text message, not JSON), or its HAProxy is
+    reloading and cuts the answer short (http.client's errors are no OSError)."""
+    import http.client
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/-/routes", timeout=2) as resp:
+            listed = json.loads(resp.read())
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+    if not isinstance(listed, (dict, list)):
+        return None
+    return {r.rstrip("/") or "/" for r in listed if isinstance(r, str)}
 
 
 def at_target(rendered: dict, target: ServeTarget) -> dict:
@@ -273,4 +285,4 @@ def chat_once(message: str, *, base_url: str, api_key: str, model: str | None = 
 
 __all__ = ["DEFAULT_CONFIG", "ServeTarget", "applied", "apply", "at_target", "chat_once",
            "client", "deploy", "first_line", "merge_applications", "public_url",
-           "remove_applications", "render", "wait_routes", "wait_running", "with_source"]
+           "proxy_routes", "remove_applications", "render", "wait_routes", "wait_running", "with_source"]
