@@ -289,7 +289,8 @@ def render_gitops(catalog: Catalog, env: Environment, file_name: Callable[[str],
     rayplane renders for the add-ons. ``file_name``: the rendered file of a kind
     (``raycluster.render.file_name``)."""
     releases = load_releases(helm_dir)
-    rendered_namespaces = {ns.name for ns in catalog.namespaces} | {NODE_EXPORTER_NAMESPACE}
+    rendered_namespaces = ({ns.name for ns in catalog.namespaces}
+                           | {NODE_EXPORTER_NAMESPACE, env.gpu_operator_namespace})
     # The rendered files are numbered by their apply order (``12-certificate.yaml``).
     certificate_wave = int(file_name("Certificate").split("-", 1)[0])
     objects = [render_node_exporter_namespace(env.kubernetes_version),

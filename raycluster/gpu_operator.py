@@ -137,12 +137,30 @@ def render_cluster_policy(catalog: Catalog, env: Environment) -> dict:
             "metadata": meta("cluster-policy"), "spec": cluster_policy_spec(catalog, env)}
 
 
+def render_gpu_operator_namespace(env: Environment) -> dict:
+    """The GPU Operator's namespace, rendered so it exists in the platform's sync (the two
+    ConfigMaps land there before the operator's chart, a later wave, would create it), at the
+    `privileged` Pod Security level its driver, toolkit and device-plugin DaemonSets need (host
+    paths, privileged containers). Not meshed."""
+    labels = {f"pod-security.kubernetes.io/{mode}": "privileged"
+              for mode in ("enforce", "audit", "warn")}
+    return {"apiVersion": "v1", "kind": "Namespace",
+            "metadata": meta(env.gpu_operator_namespace, labels=labels,
+                             annotations={"linkerd.io/inject": "disabled",
+                                          "rayplane.io/pod-security-reason": (
+                                              "the GPU Operator's driver, container toolkit and "
+                                              "device plugin run privileged with host paths")})}
+
+
 def render_gpu_operator(catalog: Catalog, env: Environment) -> list[dict]:
-    """What rayplane renders for the GPU Operator: the two ConfigMaps its ClusterPolicy names."""
-    return [render_device_plugin_config(catalog, env), render_mig_config(catalog, env)]
+    """What rayplane renders for the GPU Operator: its namespace and the two ConfigMaps its
+    ClusterPolicy names."""
+    return [render_gpu_operator_namespace(env), render_device_plugin_config(catalog, env),
+            render_mig_config(catalog, env)]
 
 
 __all__ = ["DEVICE_PLUGIN_CONFIG", "GPU_OPERATOR_VERSION", "MIG_PARTED_CONFIG",
            "cluster_policy_spec", "mig_layouts", "render_cluster_policy",
-           "render_device_plugin_config", "render_gpu_operator", "render_mig_config",
+           "render_device_plugin_config", "render_gpu_operator", "render_gpu_operator_namespace",
+           "render_mig_config",
            "time_slicing_entries"]

@@ -170,6 +170,26 @@ def test_every_rendered_file_is_synced_by_exactly_one_application(objects, apps,
     assert syncing(root, file_name("Application")) and syncing(root, file_name("AppProject"))
 
 
+def test_every_object_a_folder_application_syncs_has_its_namespace_by_then(objects, apps, env):
+    # The platform Application (an early wave) syncs ConfigMaps into the GPU Operator's
+    # namespace: had only the operator's own Application (a later wave) created it, that sync
+    # would wait forever on a namespace that comes after it.
+    files = render_files(objects, env.name)
+    rendered_ns = {o["metadata"]["name"] for o in of_kind(objects, "Namespace")}
+    for folder_app in folder_apps(apps, env):
+        created_before = {a["spec"]["destination"]["namespace"] for a in apps.values()
+                          if wave(a) < wave(folder_app)
+                          and "CreateNamespace=true" in a["spec"]["syncPolicy"]["syncOptions"]}
+        for file in (f for f in files if syncing(folder_app, f)):
+            for obj in yaml.safe_load_all(files[file]):
+                ns = obj["metadata"].get("namespace")
+                # Argo CD's own namespace is there before anything is synced (the bootstrap).
+                there = rendered_ns | created_before | {"kube-system", env.gitops.argocd_namespace}
+                assert ns is None or ns in there, (
+                    f"{folder_app['metadata']['name']} syncs {obj['kind']} {ns}/"
+                    f"{obj['metadata']['name']} before anything creates namespace {ns}")
+
+
 def test_no_chart_creates_what_rayplane_renders(objects, apps, releases):
     rendered_ns = {o["metadata"]["name"] for o in of_kind(objects, "Namespace")}
     for name in releases:

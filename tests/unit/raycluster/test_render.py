@@ -286,14 +286,16 @@ def test_the_restricted_check_catches_a_privileged_pod():
         assert word in problems
 
 
-def test_namespaces_enforce_restricted(objects):
+def test_namespaces_enforce_restricted(objects, env):
     """Every namespace but node-exporter's, which reads the host (hostNetwork, hostPID,
-    hostPath) and says why it is privileged."""
+    hostPath), and the GPU Operator's (privileged driver and device plugin), each saying why
+    it is privileged."""
     from raycluster.monitoring import NODE_EXPORTER_NAMESPACE
 
+    host_access = {NODE_EXPORTER_NAMESPACE, env.gpu_operator_namespace}
     for ns in (o for o in objects if o["kind"] == "Namespace"):
         level = ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"]
-        if ns["metadata"]["name"] == NODE_EXPORTER_NAMESPACE:
+        if ns["metadata"]["name"] in host_access:
             assert level == "privileged"
             assert ns["metadata"]["annotations"]["rayplane.io/pod-security-reason"]
         else:
