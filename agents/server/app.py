@@ -20,6 +20,7 @@ as ``x-api-key`` (what the SDK sends) or ``Authorization: Bearer``.
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -63,6 +64,12 @@ IMPORT_PATH = "agents.server.app:build_agents_app"
 Ident = Annotated[str, Path(pattern="^[^\x00]+$")]
 RunStatus = Literal["pending", "running", "success", "error", "timeout", "interrupted"]
 
+
+
+def run_location(thread_id: str | None, run_id: str) -> str:
+    """A run's path for ``Content-Location``, percent-encoded: HTTP headers are Latin-1, and a
+    thread id is whatever the client chose (schemathesis sent one in Unicode: a 500)."""
+    return f"/threads/{quote(str(thread_id), safe='')}/runs/{quote(str(run_id), safe='')}"
 
 def _error(err: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
@@ -252,7 +259,7 @@ def create_app(service: Service, keys: ApiKeyStore | None) -> FastAPI:
                     ex.task.cancel()
 
         return StreamingResponse(frames(), media_type="text/event-stream", headers={
-            "Content-Location": f"/threads/{ex.run['thread_id']}/runs/{ex.run['run_id']}",
+            "Content-Location": run_location(ex.run["thread_id"], ex.run["run_id"]),
             "Cache-Control": "no-store"})
 
     @api.post("/threads/{thread_id}/runs/wait", response_model=None,
@@ -275,7 +282,7 @@ def create_app(service: Service, keys: ApiKeyStore | None) -> FastAPI:
     @api.post("/threads/{thread_id}/runs", response_model=None, responses=answers(Run))
     async def create_run(thread_id: Ident, body: RunCreate, response: Response) -> dict:
         ex = await service.start_run(thread_id, body, stream=False)
-        response.headers["Content-Location"] = f"/threads/{thread_id}/runs/{ex.run['run_id']}"
+        response.headers["Content-Location"] = run_location(thread_id, ex.run["run_id"])
         return ex.run
 
     @api.get("/threads/{thread_id}/runs", response_model=None, responses=answers(list[Run]))

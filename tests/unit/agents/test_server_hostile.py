@@ -146,3 +146,17 @@ def test_the_openapi_document_is_public_and_documents_keys_and_errors(client):
             assert "200" in op["responses"] or "204" in op["responses"], (method, path)
     stream = doc["paths"]["/runs/stream"]["post"]["responses"]["200"]["content"]
     assert stream["text/event-stream"]["schema"]["required"] == ["event", "data"]
+
+
+def test_a_run_location_header_holds_any_thread_id():
+    # A client may name its thread in any Unicode (if_not_exists: create); HTTP headers are
+    # Latin-1, so Content-Location spelled it raw and the run answered 500 (schemathesis).
+    from urllib.parse import unquote
+
+    from agents.server.app import run_location
+
+    thread = "<ûÄ\x11ó¨\x07\U000a4d70󗦈C㍛/é"
+    location = run_location(thread, "run-1")
+    location.encode("latin-1")  # what Starlette does with a header value
+    assert location.startswith("/threads/") and location.endswith("/runs/run-1")
+    assert unquote(location.split("/")[2]) == thread
