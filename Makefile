@@ -23,7 +23,7 @@ $(UV):
 	.tools/bin/pip install --quiet "uv==$(UV_VERSION)"
 
 $(VENV)/.synced: $(UV) pyproject.toml uv.lock
-	$(UV) sync --locked --extra cpu --extra dev --find-links "$(FIND_LINKS)" --compile-bytecode
+	$(UV) sync --locked --extra cpu --extra dev --extra tensorflow --find-links "$(FIND_LINKS)" --compile-bytecode
 	touch $@
 
 env: $(VENV)/.synced
@@ -71,7 +71,7 @@ test-integration: env system-deps
 # ruff, then the import contracts of pyproject.toml ([tool.importlinter]: the layers of
 # docs/architecture.md, no CLI in libraries, no import cycles).
 lint: env
-	$(VENV)/bin/ruff check raycluster train serve agents bench tests
+	$(VENV)/bin/ruff check raycluster features train serve agents bench tests
 	$(VENV)/bin/lint-imports --no-cache --no-logo
 
 clean:

@@ -113,7 +113,46 @@ class WandbSpec(Spec):
     entity: str | None = Field(default=None, description="W&B entity (team).")
 
 
-class TrainConfig(Spec):
+class RunConfigFile(Spec):
+    """A run's YAML config (train.fit's and train.duration's): loaded with ``--set``
+    overrides, dumped for the workers, flattened for MLflow params."""
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] | None = None) -> Self:
+        """The config at ``path`` with ``key.sub=value`` overrides (values are YAML)."""
+        path = Path(path)
+        if not path.is_file():
+            raise SpecError(f"{path}: no such file", field="config")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise SpecError(f"{path}: not valid YAML ({err})".replace("\n", " "),
+                            field="config") from None
+        if not isinstance(data, dict):
+            raise SpecError(f"{path}: expected a mapping at the top level", field="config")
+        for item in overrides or []:
+            apply_override(data, item)
+        return cls.parse(data, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def flat_params(self) -> dict[str, Any]:
+        """Scalars for MLflow params: ``model.n_layer`` etc."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = value
+
+        walk("", self.to_dict())
+        return out
+
+
+class TrainConfig(RunConfigFile):
     """One training run: ``python -m train.fit --config FILE``."""
 
     spec_kind = "training config"
@@ -187,41 +226,6 @@ class TrainConfig(Spec):
                              f"({self.steps})")
         return self
 
-    # -- loading -----------------------------------------------------------------------
-
-    @classmethod
-    def load(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-        """The config at ``path`` with ``key.sub=value`` overrides (values are YAML)."""
-        path = Path(path)
-        if not path.is_file():
-            raise SpecError(f"{path}: no such file")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise SpecError(f"{path}: not valid YAML ({err})") from None
-        if not isinstance(data, dict):
-            raise SpecError(f"{path}: expected a mapping at the top level")
-        for item in overrides or []:
-            apply_override(data, item)
-        return cls.parse(data, source=str(path))
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
-
-    def flat_params(self) -> dict[str, Any]:
-        """Scalars for MLflow params: ``model.n_layer`` etc."""
-        out: dict[str, Any] = {}
-
-        def walk(prefix: str, value: Any) -> None:
-            if isinstance(value, dict):
-                for k, v in value.items():
-                    walk(f"{prefix}.{k}" if prefix else k, v)
-            else:
-                out[prefix] = value
-
-        walk("", self.to_dict())
-        return out
-
 
 def apply_override(data: dict[str, Any], item: str) -> None:
     """``a.b=3`` sets data["a"]["b"] = 3 (the value parsed as YAML)."""
@@ -294,19 +298,6 @@ def check_pool_capacity(catalog: Catalog, cfg: TrainConfig) -> Pool:
             f"({pool.max_workers} = {pool.workers_per_node} workers per node x "
             f"{pool.max_nodes} nodes)", field="num_workers")
     return pool
-
-
-def cluster_is_local(catalog: Catalog, nodes: list[dict[str, Any]]) -> bool:
-    """A cluster is the local platform when a node advertises a GPU pool's resource but has
-    no GPU (the emulation); KubeRay GPU workers always advertise their GPUs."""
-    gpu_pool_resources = {p.ray_resource for p in catalog.gpu_pools}
-    for node in nodes:
-        if not node.get("Alive", True):
-            continue
-        res = node.get("Resources", {})
-        if gpu_pool_resources & set(res) and not res.get("GPU"):
-            return True
-    return False
 
 
 def local_capacity(catalog: Catalog, cfg: TrainConfig, nodes: list[dict[str, Any]]) -> int:

@@ -9,29 +9,24 @@ docs/training.md for a team's own ``train_func`` in a few lines.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raycluster import rayjob
 from raycluster.catalog import Catalog
+from raycluster.rayjob import cluster_is_local
 from raycluster.spec import SpecError
 from train.config import (
     TrainConfig,
     check_cluster_capacity,
     check_pool_capacity,
-    cluster_is_local,
     platform_catalog,
     scaling_config,
 )
 from train.data import missing_files
 from train.tracking import check_tracking_server
-
-#: Set by Ray's job supervisor in a submitted job's driver.
-_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 @dataclass
@@ -67,48 +62,11 @@ def check_data_path(cfg: TrainConfig) -> TrainConfig:
 
 
 def connect_ray() -> None:
-    """Connect to the cluster: inside ``ray job submit`` the job's own; otherwise
-    RAY_ADDRESS (or a new local Ray), shipping this checkout's packages to the workers."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get(_JOB_ENV):
-        job_env = (json.loads(os.environ[_JOB_ENV]).get("runtime_env") or {}).get(
-            "env_vars") or {}
-        extra = {}
-        if os.environ.get("RAY_ADDRESS") and "RAY_ADDRESS" not in job_env:
-            # The job's actors find their cluster for ray.util.state calls (Ray Train's
-            # placement-group cleaner frees a dead controller's workers that way) from
-            # RAY_ADDRESS, else by scanning the machine for Ray instances, which fails where
-            # several clusters share one (the local platform beside another): pin it to
-            # the cluster this job runs on (merged into the job's runtime env).
-            extra = {"runtime_env": {"env_vars": {"RAY_ADDRESS": os.environ["RAY_ADDRESS"]}}}
-        ray.init(log_to_driver=True, **extra)
-        return
+    """Connect to the cluster (raycluster.rayjob.connect_ray), shipping train/ and raycluster/
+    to the workers when this is not a submitted job."""
     import raycluster
 
-    # This package (train/) and raycluster/ travel to the cluster's workers.
-    modules = [str(Path(__file__).parent), str(Path(raycluster.__file__).parent)]
-    ray.init(runtime_env={"py_modules": modules}, log_to_driver=True)
-
-
-def _settle_working_dir(nodes: list[dict[str, Any]]) -> None:
-    """The local platform runs all its Ray nodes on one machine with one temp dir, so every
-    node's runtime-env agent unpacks the job's working_dir into the same folder, removing it
-    first; the driver's cwd and files read meanwhile vanish. Wait until each node has set the
-    job's environment up (a no-op task per node), then leave the cwd (everything cwd-relative
-    was resolved before connecting). On KubeRay each node has its own disk: not needed."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    def noop() -> None:
-        return None
-
-    task = ray.remote(num_cpus=0)(noop)
-    ray.get([task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-        n["NodeID"], soft=False)).remote() for n in nodes], timeout=120)
-    os.chdir(tempfile.gettempdir())
+    rayjob.connect_ray([str(Path(__file__).parent), str(Path(raycluster.__file__).parent)])
 
 
 def connect(cfg: TrainConfig, catalog: Catalog) -> Placement:
@@ -120,8 +78,8 @@ def connect(cfg: TrainConfig, catalog: Catalog) -> Placement:
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     local = cfg.local if cfg.local is not None else cluster_is_local(catalog, nodes)
     check_cluster_capacity(catalog, cfg, nodes, local)
-    if local and os.environ.get(_JOB_ENV):
-        _settle_working_dir(nodes)
+    if local and rayjob.in_submitted_job():
+        rayjob.settle_working_dir(nodes)
     return Placement(catalog, local, nodes)
 
 

@@ -15,7 +15,7 @@ import sys
 import click
 import typer
 
-from raycluster.cli import agents, demo, models, platform, pools, render, serve
+from raycluster.cli import agents, demo, features, models, platform, pools, render, serve
 from raycluster.cli.common import err_console
 from raycluster.errors import RayplaneError
 
@@ -37,6 +37,7 @@ def build_app() -> typer.Typer:
     app.add_typer(models.models_app, name="models")
     app.add_typer(serve.serve_app, name="serve")
     app.add_typer(agents.agents_app, name="agents")
+    app.add_typer(features.features_app, name="features")
     return app
 
 

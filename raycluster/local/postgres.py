@@ -44,6 +44,9 @@ from raycluster.local.state import write_secret
 #: The superuser ``initdb`` creates and the database the agents' checkpoints live in.
 SUPERUSER = "rayplane"
 DATABASE = "agents"
+#: Every database ``wait_ready`` creates: the agents' and the feature store's online store
+#: (features/store.py).
+DATABASES = (DATABASE, "feast")
 #: Where Debian installs each major version's server binaries.
 DEBIAN_ROOTS = (Path("/usr/lib/postgresql"),)
 #: Where a root-run platform keeps data its service account could not reach in the state folder.
@@ -270,7 +273,7 @@ class LocalPostgres:
     def wait_ready(self, timeout: float, processes: Iterable[ManagedProcess],
                    logs: Path) -> None:
         """Wait until the server takes a password-authenticated connection, then create the
-        ``agents`` database the first time; PlatformError when it does not within ``timeout``
+        ``agents`` and ``feast`` databases the first time; PlatformError when it does not within ``timeout``
         or when one of ``processes`` dies first."""
         import psycopg
 
@@ -281,10 +284,11 @@ class LocalPostgres:
             try:
                 with psycopg.connect(self.dsn("postgres"), connect_timeout=3,
                                      autocommit=True) as conn:
-                    exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
-                                          (DATABASE,)).fetchone()
-                    if not exists:
-                        conn.execute(f"CREATE DATABASE {DATABASE}")
+                    for name in DATABASES:
+                        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                                              (name,)).fetchone()
+                        if not exists:
+                            conn.execute(f"CREATE DATABASE {name}")
                     return
             except psycopg.OperationalError as err:
                 error = " ".join(str(err).split())
@@ -344,6 +348,7 @@ def sweep_system_data(root: Path = SYSTEM_DATA_ROOT) -> list[Path]:
 
 __all__ = [
     "DATABASE",
+    "DATABASES",
     "SUPERUSER",
     "LocalPostgres",
     "ServiceUser",

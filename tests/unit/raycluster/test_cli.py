@@ -19,11 +19,12 @@ RAYPLANE = str(Path(sys.executable).parent / "rayplane")
 #: The command set, as the README and docs name it: group ("" for the root) -> its commands.
 COMMANDS = {
     "": {"up", "down", "status", "env", "demo", "render", "apply", "pools", "models", "serve",
-         "agents"},
+         "agents", "features"},
     "pools": {"check", "show"},
     "models": {"list", "promote", "register"},
     "serve": {"up", "down", "status", "chat"},
     "agents": {"up", "down", "status"},
+    "features": {"apply", "materialize", "get"},
 }
 
 

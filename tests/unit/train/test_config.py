@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from raycluster.catalog import load_catalog
+from raycluster.rayjob import cluster_is_local
 from raycluster.spec import SpecError
 from train.config import (
     TrainConfig,
     check_cluster_capacity,
     check_pool_capacity,
-    cluster_is_local,
     local_capacity,
     scaling_config,
     worker_resources,
