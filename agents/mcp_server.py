@@ -1,9 +1,10 @@
 """The platform's tools as an MCP server, on Ray Serve behind the platform's API key.
 
 :func:`build_server` is an ``MCPServer`` (the ``mcp`` SDK; FastMCP in SDK 1.x) exposing
-:data:`agents.platform.PLATFORM_TOOLS`. Over HTTP it speaks MCP's streamable HTTP transport,
-stateless and with JSON responses: no request depends on a session kept by one replica, so any
-replica of the Serve deployment can answer any request.
+:data:`agents.platform.PLATFORM_TOOLS` and the tools the platform's served model was not
+trained on (``job_estimate``; ``platform_tools(untrained=True)``). Over HTTP it speaks MCP's
+streamable HTTP transport, stateless and with JSON responses: no request depends on a session
+kept by one replica, so any replica of the Serve deployment can answer any request.
 
 :class:`McpApp` is the ASGI app a replica serves: the API key check (``Authorization: Bearer``,
 the keys of ``serve.auth.ApiKeyStore``; 401 with OpenAI's error body) in front of the SDK's
@@ -25,6 +26,7 @@ from ray import serve
 
 from agents.platform import (
     ADDRESS_ENV,
+    FEATURE_STORE_ENV,
     MLFLOW_ENV,
     TOKEN_PATH_ENV,
     PlatformContext,
@@ -35,9 +37,10 @@ from serve.auth import ApiKeyStore, authenticate
 
 SERVER_NAME = "rayplane-platform"
 INSTRUCTIONS = ("Tools of the rayplane platform: live pool capacity (free GPU units), Ray jobs, "
-                "registered models, and the calculator / unit conversion / pool facts the "
-                "platform's model was trained with. Results are JSON; a failure is "
-                '{"error": "..."}.')
+                "registered models, a job's expected wait and run time (job_estimate: the "
+                "job-duration model on the pool's online features), and the calculator / "
+                "unit conversion / pool facts the platform's model was trained with. Results "
+                'are JSON; a failure is {"error": "..."}.')
 DEPLOYMENT = "mcp"
 IMPORT_PATH = "agents.mcp_server:build_mcp_app"
 
@@ -48,7 +51,7 @@ def build_server(context: PlatformContext | None = None):
     from mcp.server.mcpserver import MCPServer
 
     server = MCPServer(name=SERVER_NAME, instructions=INSTRUCTIONS)
-    for tool in platform_tools(context):
+    for tool in platform_tools(context, untrained=True):
         server.add_tool(tool, name=tool.__name__, description=tool.__doc__)
     return server
 
@@ -119,18 +122,18 @@ async def _json(send, status: int, body: dict, extra: dict[str, str] | None = No
 
 def platform_context(overrides: dict[str, Any] | None = None) -> PlatformContext:
     """The context from the environment, with ``overrides`` (``dashboard_url``,
-    ``token_path``, ``mlflow_uri``; ``${VAR}`` expanded) taking precedence. PlatformError
-    (one line) when no dashboard URL results."""
+    ``token_path``, ``mlflow_uri``, ``feature_store``; ``${VAR}`` expanded) taking precedence.
+    PlatformError (one line) when no dashboard URL results."""
     overrides = dict(overrides or {})
-    unknown = set(overrides) - {"dashboard_url", "token_path", "mlflow_uri"}
+    unknown = set(overrides) - {"dashboard_url", "token_path", "mlflow_uri", "feature_store"}
     if unknown:
         from raycluster.spec import SpecError
 
         raise SpecError(f"platform: unknown keys {sorted(unknown)}; valid: dashboard_url, "
-                        "token_path, mlflow_uri", field="platform")
+                        "token_path, mlflow_uri, feature_store", field="platform")
     env = dict(os.environ)
     for key, var in (("dashboard_url", ADDRESS_ENV), ("token_path", TOKEN_PATH_ENV),
-                     ("mlflow_uri", MLFLOW_ENV)):
+                     ("mlflow_uri", MLFLOW_ENV), ("feature_store", FEATURE_STORE_ENV)):
         if overrides.get(key):
             env[var] = os.path.expandvars(str(overrides[key]))
     return PlatformContext.from_env(env)
@@ -156,8 +159,8 @@ class McpIngress:
 
 def build_mcp_app(args: dict[str, Any]) -> serve.Application:
     """The Serve application of ``args``: ``api_keys`` ({env, file}, required) and
-    ``platform`` (optional ``dashboard_url``, ``token_path``, ``mlflow_uri`` overriding the
-    replica's environment)."""
+    ``platform`` (optional ``dashboard_url``, ``token_path``, ``mlflow_uri``,
+    ``feature_store``, overriding the replica's environment)."""
     return McpIngress.bind(args.get("api_keys"), args.get("platform"))
 
 

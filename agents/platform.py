@@ -43,6 +43,8 @@ ToolResult = dict[str, Any]
 ADDRESS_ENV, TOKEN_PATH_ENV, MLFLOW_ENV = "RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", \
     "MLFLOW_TRACKING_URI"
 CATALOG_ENV = "RAYPLANE_CATALOG"
+#: Another feature_store.yaml than the platform's (features.store reads the same variable).
+FEATURE_STORE_ENV = "RAYPLANE_FEATURE_STORE"
 
 
 @dataclass(frozen=True)
@@ -54,11 +56,12 @@ class PlatformContext:
     headers: dict[str, str] = field(default_factory=dict)
     mlflow_uri: str | None = None
     timeout: float = 10.0
+    feature_store: str | None = None
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "PlatformContext":
         """The context from ``RAY_ADDRESS`` (the dashboard's http URL), the token file at
-        ``RAY_AUTH_TOKEN_PATH`` and ``MLFLOW_TRACKING_URI``; a PlatformError (one line) when
+        ``RAY_AUTH_TOKEN_PATH``, ``MLFLOW_TRACKING_URI`` and ``RAYPLANE_FEATURE_STORE``; a PlatformError (one line) when
         the address is missing or not a dashboard URL, or the token file is unreadable."""
         env = os.environ if environ is None else environ
         url = (env.get(ADDRESS_ENV) or "").strip()
@@ -78,7 +81,8 @@ class PlatformContext:
                                     f"{token_path}: {err.strerror or err}") from None
             headers["Authorization"] = f"Bearer {token}"
         return cls(dashboard_url=url.rstrip("/"), headers=headers,
-                   mlflow_uri=env.get(MLFLOW_ENV) or None)
+                   mlflow_uri=env.get(MLFLOW_ENV) or None,
+                   feature_store=env.get(FEATURE_STORE_ENV) or None)
 
     def get_json(self, path: str) -> Any:
         """GET ``path`` of the dashboard as JSON; PlatformError (one line) when it does not
@@ -272,6 +276,33 @@ def registered_models(
     return {"models": [{"name": n, "versions": v} for n, v in models.items()]}
 
 
+# -- job estimates ---------------------------------------------------------------------------
+
+
+@_tool_errors
+def job_estimate(
+    pool: Annotated[str, Field(description="pool the job asks units of, e.g. h100-timeslice")],
+    requested_units: Annotated[int, Field(description="GPU units the job asks for, e.g. 2")],
+    model_size_b: Annotated[float, Field(description="size of the job's model, billions of "
+                                                     "parameters")] = 7.0,
+    *, context: PlatformContext | None = None,
+) -> ToolResult:
+    """How long a job asking requested_units GPU units of a pool would wait for them and then
+    run, predicted by the registered job-duration model from the pool's load right now (its
+    online features: running, pending and free units, GPU utilisation, the last hour's mean
+    wait). Returns expected_wait_s and expected_duration_s with the inputs used."""
+    from agents.estimates import estimate
+
+    # Like registered_models: MLflow and the feature store need no dashboard.
+    env = os.environ
+    if context is not None:
+        uri, store = context.mlflow_uri, context.feature_store
+    else:
+        uri, store = env.get(MLFLOW_ENV) or None, env.get(FEATURE_STORE_ENV) or None
+    return estimate(pool, requested_units, model_size_b, tracking_uri=uri, feature_store=store,
+                    catalog_path=env.get(CATALOG_ENV) or None)
+
+
 # -- the tools as a model sees them ------------------------------------------------------------
 
 PoolFact = Literal["gpu", "sharing", "memory", "units", "nodes"]
@@ -333,18 +364,27 @@ _TRAINED = [_as_tool(f, name, _described(getattr(_train_tools, name))) for f, na
              (_pool_info, "pool_info"))]
 
 
-def platform_tools(context: PlatformContext | None = None) -> list[Callable[..., ToolResult]]:
+def platform_tools(context: PlatformContext | None = None, *, untrained: bool = False
+                   ) -> list[Callable[..., ToolResult]]:
     """The agent's tools, the platform ones bound to ``context`` (default: the environment's
-    platform, read at each call). Names are OpenAI function names; docstrings describe them."""
-    return [bind(pool_units, context), bind(jobs, context), bind(registered_models, context),
-            *_TRAINED]
+    platform, read at each call). Names are OpenAI function names; docstrings describe them.
+
+    These are the tools the ``tools`` graph declares, the prompt the platform's served model
+    was trained on (train.tools.AGENT_TOOLS). ``untrained=True`` appends the tools it was not
+    trained on (:data:`UNTRAINED_TOOLS`: job_estimate), for the MCP server's clients and
+    models that read any tool's description."""
+    tools = [bind(pool_units, context), bind(jobs, context), bind(registered_models, context),
+             *_TRAINED]
+    return [*tools, bind(job_estimate, context)] if untrained else tools
 
 
 #: The tools with the environment's platform: pool_units, jobs, registered_models,
-#: calculator, convert_units, pool_info.
+#: calculator, convert_units, pool_info (the tools graph's prompt; job_estimate is not in it).
 PLATFORM_TOOLS: list[Callable[..., ToolResult]] = platform_tools()
 TOOL_NAMES = [t.__name__ for t in PLATFORM_TOOLS]
+#: Platform tools the served model was not trained on: the MCP server offers them too.
+UNTRAINED_TOOLS = ["job_estimate"]
 
-__all__ = ["PLATFORM_TOOLS", "TOOL_NAMES", "PlatformContext", "bind", "calculator",
-           "convert_units", "jobs", "parse_pool_usage", "platform_tools", "pool_info",
-           "pool_units", "registered_models"]
+__all__ = ["PLATFORM_TOOLS", "TOOL_NAMES", "UNTRAINED_TOOLS", "PlatformContext", "bind", "calculator",
+           "convert_units", "job_estimate", "jobs", "parse_pool_usage", "platform_tools",
+           "pool_info", "pool_units", "registered_models"]

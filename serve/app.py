@@ -30,10 +30,11 @@ def build_app(args: dict) -> serve.Application:
         (model,) = args["models"]
         return OpenAIIngress.options(name=model["deployment"]).bind(
             None, args.get("api_keys"), in_replica=model, mlflow_tracking_uri=tracking,
-            limits=args.get("limits"))
+            limits=args.get("limits"), online_features=args.get("online_features"))
     models = {m["name"]: ModelServer.options(name=m["deployment"]).bind(m, tracking)
               for m in args["models"]}
-    return OpenAIIngress.bind(models, args.get("api_keys"), limits=args.get("limits"))
+    return OpenAIIngress.bind(models, args.get("api_keys"), limits=args.get("limits"),
+                              online_features=args.get("online_features"))
 
 
 __all__ = ["build_app"]

@@ -21,6 +21,7 @@ from raycluster.catalog import Catalog, Pool
 from raycluster.spec import SpecError
 from serve.config import EngineKind, IngressMode, ServeAppConfig
 from serve.engines.vllm_config import check_placement, llm_config_dict, validate_llm_config
+from serve.online_features import app_specs
 
 #: Import path of the application builder for each engine (``serve deploy``'s import_path).
 APP_BUILDERS = {EngineKind.cpu: "serve.app:build_app",
@@ -64,6 +65,9 @@ def app_args(config: ServeAppConfig) -> dict[str, Any]:
     limits = config.limits_args()
     if limits is not None:  # tenants (keys by reference) and their limits, serve/limits.py
         args["limits"] = limits
+    online = app_specs(config.models)
+    if online:  # model name -> the features its chat requests get (serve/online_features.py)
+        args["online_features"] = online
     if config.ingress.mode is IngressMode.direct:
         args["ingress_mode"] = IngressMode.direct.value
     return args
@@ -140,6 +144,9 @@ def vllm_application(config: ServeAppConfig, catalog: Catalog) -> dict[str, Any]
     limits = config.limits_args()
     if limits is not None:  # tenants and their limits, serve/middleware.py
         app["args"]["limits"] = limits
+    online = app_specs(config.models)
+    if online:  # attached by serve/features_middleware.py inside the API-key check
+        app["args"]["online_features"] = online
     if config.mlflow_tracking_uri:
         app["runtime_env"] = {"env_vars": {"MLFLOW_TRACKING_URI": config.mlflow_tracking_uri}}
     return app

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from raycluster.spec import Spec
+from serve.online_features import OnlineFeaturesSpec
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _REGISTRY = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
@@ -145,6 +146,9 @@ class ModelSpec(Spec):
                                               "sharing; may only be lowered).")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict,
                                           description="vllm: further engine arguments.")
+    online_features: OnlineFeaturesSpec | None = Field(default=None, description=(
+        "Features of the online store attached to each chat request as a system message, "
+        "keyed by the request's metadata (serve/online_features.py)."))
 
     @field_validator("max_queued_requests")
     @classmethod
@@ -427,20 +431,7 @@ class ServeAppConfig(Spec):
                 "replicas": self.ingress_replicas}
 
 
-__all__ = [
-    "ApiKeys",
-    "Autoscaling",
-    "check_api_keys",
-    "EngineKind",
-    "HttpSpec",
-    "IngressMode",
-    "IngressSpec",
-    "ModelSpec",
-    "RateLimits",
-    "ServeAppConfig",
-    "SourceKind",
-    "TenantSpec",
-    "check_tenants",
-    "parse_registry_ref",
-    "source_kind",
-]
+__all__ = ["ApiKeys", "Autoscaling", "EngineKind", "HttpSpec", "IngressMode", "IngressSpec",
+           "ModelSpec", "OnlineFeaturesSpec", "RateLimits", "ServeAppConfig", "SourceKind",
+           "TenantSpec", "check_api_keys", "check_tenants", "parse_registry_ref",
+           "source_kind"]

@@ -29,9 +29,12 @@ from serve.builder import INGRESS_DEPLOYMENT
 from serve.engines.base import EngineError
 from serve.limits import Limiter, LimitMetrics, Refusal, Ticket, UsageTap, reservation, usage_tokens
 from serve.model_server import InReplicaModel, ModelServer
+from serve.online_features import HEADER as FEATURES_HEADER
+from serve.online_features import METADATA, OnlineFeatureError, OnlineFeatures, system_index
 from serve.protocol import (
     SSE_DONE,
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     ModelList,
     StreamOptions,
@@ -90,7 +93,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 class OpenAIIngress:
     def __init__(self, models: dict[str, Any] | None, api_keys: dict | None = None,
                  in_replica: dict | None = None, mlflow_tracking_uri: str | None = None,
-                 limits: dict | None = None):
+                 limits: dict | None = None, online_features: dict | None = None):
         from serve.metrics import IngressMetrics
 
         self.local_server = None
@@ -107,6 +110,9 @@ class OpenAIIngress:
         self.limiter = Limiter.from_args(limits) if self.keys is not None else None
         self.limit_metrics = LimitMetrics() if self.limiter is not None else None
         self.metrics = IngressMetrics()
+        # model name -> the online features its chat requests get (serve/online_features.py)
+        self.online = {name: OnlineFeatures(spec)
+                       for name, spec in (online_features or {}).items()}
         self._stream = {(name, method): h.options(stream=True, method_name=method)
                         for name, h in models.items()
                         for method in ("chat_stream", "completion_stream")}
@@ -187,6 +193,11 @@ class OpenAIIngress:
         if refused is not None:
             self.metrics.record(req.model, endpoint, 429, "rate_limit_exceeded")
             return refused
+        attached, error = await self._attach_features(req, method)
+        if error is not None:
+            self._settle(principal, ticket, 0)
+            self.metrics.record(req.model, endpoint, error.status_code)
+            return error
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         try:
             response = await (self._stream_response(req, method, rid, principal, ticket)
@@ -197,7 +208,26 @@ class OpenAIIngress:
                 self._settle(principal, ticket, 0)  # no-op once settled with the usage
         self.metrics.record(req.model, endpoint, response.status_code)
         response.headers["x-request-id"] = rid
+        if attached is not None:
+            response.headers[FEATURES_HEADER] = attached
         return response
+
+    async def _attach_features(self, req, method: str
+                               ) -> tuple[str | None, JSONResponse | None]:
+        """The model's online features as a system message of a chat request (keyed by its
+        ``metadata``): the header value saying what was attached, or the error response."""
+        online = self.online.get(req.model)
+        if online is None or method != "chat":
+            return None, None
+        try:
+            found = await online.lookup((req.model_extra or {}).get(METADATA))
+        except OnlineFeatureError as err:
+            return None, _error(err.status, err.message, err.type, err.param, err.code,
+                                RETRY_AFTER_S if err.status == 503 else None)
+        if found.text is not None:
+            at = system_index([m.role for m in req.messages])
+            req.messages.insert(at, ChatMessage(role="system", content=found.text))
+        return found.header, None
 
     async def _call_with_retry(self, start):
         """Run ``start()`` (a handle call up to its first result); a replica that died

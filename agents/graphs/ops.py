@@ -1,8 +1,17 @@
 """The ``ops`` graph: propose promoting a registered model's candidate, and promote it only
-when a person approves.
+when a person approves; and answer how long a job would wait and run.
 
     START -> read_registry -> compare -(proposal)-> review [interrupt] -(approved)-> promote
-                                      \\-(none)-> END                  \\-(rejected)-> reject
+      |                               \\-(none)-> END                  \\-(rejected)-> reject
+      \\-(a job question)-> estimate -> END
+
+A run whose last message is a person asking about a job's wait or run time ("How long will a
+2-unit job on h100-timeslice wait?") goes to ``estimate``: it reads the pool and units from
+the question, calls the ``job_estimate`` platform tool (agents/estimates.py: the registered
+job-duration model on the pool's online features) and answers from its result, as an
+``AIMessage`` tool call, the ``ToolMessage`` result and the answer (``status: "estimated"``;
+``"needs_input"`` when the question names no pool or units, ``"estimate_failed"`` when the
+tool reports an error). Any other run is the promotion flow below.
 
 ``read_registry`` reads the versions behind the ``candidate`` and ``champion`` aliases from
 MLflow and the metric their training run logged (``eval_exact_match``, the held-out exact
@@ -21,14 +30,18 @@ platform's PostgreSQL one (agents/checkpoint.py) across processes.
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from typing import Any, Literal
 
-from langchain_core.messages import AIMessage, ToolMessage
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.types import interrupt
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from agents.platform import EVAL_METRIC
+from agents.estimates import describe, estimate, parse_question
+from agents.platform import CATALOG_ENV, EVAL_METRIC, FEATURE_STORE_ENV
+from raycluster.catalog import load_catalog
 from raycluster.errors import PlatformError
 from raycluster.spec import SpecError
 from train import tracking
@@ -37,9 +50,10 @@ from train.tracking import CANDIDATE, CHAMPION
 #: The metric train.fit logs in a training run (train/evaluate.py) and tags versions with.
 METRIC = EVAL_METRIC
 PROMOTE_TOOL = "promote_champion"
+ESTIMATE_TOOL = "job_estimate"
 
 Status = Literal["no_candidate", "no_metric", "champion_best", "proposed", "promoted",
-                 "rejected", "stale"]
+                 "rejected", "stale", "estimated", "estimate_failed", "needs_input"]
 
 
 class Approval(BaseModel):
@@ -59,6 +73,7 @@ class OpsState(MessagesState, total=False):
     champion: dict[str, Any] | None
     proposal: dict[str, Any] | None
     decision: dict[str, Any] | None
+    estimate: dict[str, Any] | None
     status: Status
 
 
@@ -112,8 +127,12 @@ def _describe(v: dict[str, Any]) -> str:
     return f"version {v['version']} ({METRIC} {'not logged' if m is None else f'{m:.4g}'})"
 
 
-def build_ops_graph(*, tracking_uri: str, model_name: str, checkpointer: Any):
-    """The compiled graph for ``model_name`` in the registry at ``tracking_uri``.
+def build_ops_graph(*, tracking_uri: str, model_name: str, checkpointer: Any,
+                    feature_store: str | None = None):
+    """The compiled graph for ``model_name`` in the registry at ``tracking_uri``; job
+    estimates read the online store of ``feature_store`` (a feature_store.yaml; default
+    RAYPLANE_FEATURE_STORE, else the platform's) and the job-duration model of the same
+    registry.
 
     Run it on a thread (``config={"configurable": {"thread_id": ...}}``) with
     ``{"messages": []}``; when it proposes, the result holds ``__interrupt__`` (the proposal)
@@ -123,6 +142,39 @@ def build_ops_graph(*, tracking_uri: str, model_name: str, checkpointer: Any):
     if checkpointer is None:
         raise ValueError("the ops graph stops for approval, which needs a checkpointer "
                          "(langgraph InMemorySaver, or agents.checkpoint's PostgreSQL one)")
+
+    catalog_path = os.environ.get(CATALOG_ENV) or None
+    pools = [p.name for p in load_catalog(catalog_path).pools]
+    store = feature_store or os.environ.get(FEATURE_STORE_ENV) or None
+
+    def job_question(state: OpsState) -> dict[str, Any] | None:
+        messages = state.get("messages") or []
+        if not messages or not isinstance(messages[-1], HumanMessage):
+            return None
+        return parse_question(messages[-1].text, pools)
+
+    def estimate_job(state: OpsState) -> dict[str, Any]:
+        asked = job_question(state) or {}
+        if asked.get("pool") is None or asked.get("requested_units") is None:
+            return {"messages": [AIMessage(
+                "To estimate a job's wait and run time, name its pool ("
+                f"{', '.join(pools)}) and its GPU units, e.g. 'How long will a 2-unit job on "
+                "h100-timeslice wait?'.")], "estimate": None, "status": "needs_input"}
+        call = {"name": ESTIMATE_TOOL, "id": f"{ESTIMATE_TOOL}-{uuid.uuid4().hex[:8]}",
+                "args": asked}
+        try:
+            result = estimate(**asked, tracking_uri=tracking_uri, feature_store=store,
+                              catalog_path=catalog_path)
+        except Exception as err:  # the tool's failures are its result, as for every tool
+            result = {"error": str(err).strip().splitlines()[0] if str(err).strip()
+                      else type(err).__name__}
+        failed = "error" in result
+        return {"messages": [AIMessage("", tool_calls=[call]),
+                             ToolMessage(json.dumps(result), tool_call_id=call["id"],
+                                         name=ESTIMATE_TOOL,
+                                         status="error" if failed else "success"),
+                             AIMessage(describe(result))],
+                "estimate": result, "status": "estimate_failed" if failed else "estimated"}
 
     def read_registry(state: OpsState) -> dict[str, Any]:
         tracking.check_tracking_server(tracking_uri, field="tracking_uri")
@@ -196,12 +248,16 @@ def build_ops_graph(*, tracking_uri: str, model_name: str, checkpointer: Any):
             "status": "rejected"}
 
     graph = StateGraph(OpsState)
+    graph.add_node("estimate", estimate_job)
     graph.add_node("read_registry", read_registry)
     graph.add_node("compare", compare)
     graph.add_node("review", review)
     graph.add_node("promote", promote)
     graph.add_node("reject", reject)
-    graph.add_edge(START, "read_registry")
+    graph.add_conditional_edges(
+        START, lambda s: "estimate" if job_question(s) is not None else "read_registry",
+        ["estimate", "read_registry"])
+    graph.add_edge("estimate", END)
     graph.add_edge("read_registry", "compare")
     graph.add_conditional_edges(
         "compare", lambda s: "review" if s.get("status") == "proposed" else END,
@@ -218,5 +274,5 @@ def _final(status: Status, text: str) -> dict[str, Any]:
     return {"messages": [AIMessage(text)], "proposal": None, "status": status}
 
 
-__all__ = ["METRIC", "Approval", "PROMOTE_TOOL", "OpsState", "build_ops_graph", "promote_champion",
+__all__ = ["ESTIMATE_TOOL", "METRIC", "Approval", "PROMOTE_TOOL", "OpsState", "build_ops_graph", "promote_champion",
            "read_version"]

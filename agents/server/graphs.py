@@ -150,14 +150,18 @@ async def tools_for(cfg: AgentsAppConfig) -> list:
 
         return platform_tools()
     from agents.mcp_tools import aload_mcp_tools
+    from agents.platform import TOOL_NAMES
     from raycluster.errors import PlatformError
 
     try:
-        return await aload_mcp_tools(mcp_url(cfg), api_key=first_key(cfg),
-                                     timeout_s=cfg.model.timeout_s)
+        tools = await aload_mcp_tools(mcp_url(cfg), api_key=first_key(cfg),
+                                      timeout_s=cfg.model.timeout_s)
     except PlatformError as err:
         raise ApiError(503, str(err), "service_unavailable_error",
                        code="mcp_unavailable") from None
+    # The MCP server also offers tools the served model was never trained on (job_estimate):
+    # the tools graph declares only the trained prompt's.
+    return [t for t in tools if t.name in TOOL_NAMES]
 
 
 def tracking_uri(cfg: AgentsAppConfig) -> str | None:

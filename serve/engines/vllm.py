@@ -68,6 +68,12 @@ def build_app(args: dict):
 
     llm_configs = [LLMConfig.model_validate(c) for c in args["llm_configs"]]
     fastapi_app = init()
+    if args.get("online_features"):
+        from serve.features_middleware import OnlineFeaturesMiddleware
+
+        # Added first, so it runs inside the API-key check below (the last added is outermost).
+        fastapi_app.add_middleware(OnlineFeaturesMiddleware,
+                                   online_features=args["online_features"])
     if args.get("api_keys") or args.get("limits"):
         from serve.middleware import TenantMiddleware
 

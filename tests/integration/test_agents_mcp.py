@@ -87,7 +87,7 @@ def _session_calls(url: str, headers: dict[str, str]):
 
 def test_mcp_client_lists_and_calls_the_tools(mcp_url, api_key, local_cluster):
     names, units, calc = _session_calls(mcp_url, {"Authorization": f"Bearer {api_key}"})
-    assert names == TOOLS
+    assert names == [*TOOLS, "job_estimate"]
     assert not units.is_error
     assert units.structured_content["pool"] == POOL
     assert units.structured_content["total"] == _advertised(local_cluster, f"pool:{POOL}")
@@ -123,12 +123,12 @@ def test_langchain_tools_over_mcp_list_call_and_refuse_a_wrong_key(mcp_url, api_
             {"value": 1.5, "from_unit": "km", "to_unit": "m"})
 
     tools, result = asyncio.run(go())
-    assert list(tools) == TOOLS
+    assert list(tools) == [*TOOLS, "job_estimate"]
     assert result == {"result": 1500, "unit": "m"} or "1500" in str(result)
     # The schema the model sees is the server's: the calculator takes one expression.
     assert list(tools["calculator"].args) == ["expression"]
     # A sync caller gets the same tools.
-    assert [t.name for t in load_mcp_tools(mcp_url, api_key=api_key)] == TOOLS
+    assert [t.name for t in load_mcp_tools(mcp_url, api_key=api_key)] == [*TOOLS, "job_estimate"]
     with pytest.raises(PlatformError, match=f"MCP server {mcp_url}: .*401"):
         load_mcp_tools(mcp_url, api_key="not-a-key", timeout_s=20)
 

@@ -3,7 +3,9 @@ streaming) and LangChain, against the local platform (real Ray nodes, MLflow, HT
 
 The model is a tiny GPT-2 in the platform's format, trained to reproduce a few conversations
 (tests/support/tiny_model.py), registered in the fixture's MLflow server as ``runs:/<run_id>/model`` and
-deployed with ``rayplane serve up`` from ``models:/NAME@champion``.
+deployed with ``rayplane serve up`` from ``models:/NAME@champion``. It attaches online features
+(serve/online_features.py): a request whose ``metadata`` names a pool gets the pool's load from
+the platform's feature store (``feature_store_ready``) as a system message.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ REGISTERED = "serve-openai-tiny"
 APP = "openai-tests"
 PREFIX = "/openai-tests"
 pytestmark = pytest.mark.timeout(900)
+#: What the served model attaches to a request whose metadata names a pool.
+POOL = "h100-timeslice"
+LOAD = ("running_units", "pending_units", "free_units", "gpu_utilization", "mean_wait_1h_s")
+ONLINE_FEATURES = [f"pool_load:{name}" for name in LOAD]
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +40,22 @@ def model_dir() -> Path:
 
 
 @pytest.fixture(scope="module", params=["router", "direct"])
-def deployed(request, local_cluster, cluster_env, model_dir, tmp_path_factory):
+def deployed(request, local_cluster, cluster_env, model_dir, tmp_path_factory,
+             feature_store_ready):
     """The app in each ingress mode (pytest runs every test against one, then the other):
-    behind the router deployment, and answering HTTP in the model's replica itself."""
+    behind the router deployment, and answering HTTP in the model's replica itself; its model
+    attaches the pool's load (ONLINE_FEATURES) when a request's metadata names a pool."""
+    import yaml
+
     version = tm.register_model(model_dir, REGISTERED, tracking_uri=local_cluster.mlflow_uri)
+    config = yaml.safe_load(tm.serve_config_yaml(
+        name=APP, source=f"models:/{REGISTERED}@champion", pool="a100-mig", route_prefix=PREFIX,
+        api_key_file=local_cluster.api_key_path, ingress_mode=request.param))
+    config["models"][0]["online_features"] = {
+        "features": ONLINE_FEATURES, "entity": {"join_key": "pool", "from_metadata": "pool"},
+        "timeout_ms": 2000}
     cfg = tmp_path_factory.mktemp("serve") / "serve.yaml"
-    cfg.write_text(tm.serve_config_yaml(name=APP, source=f"models:/{REGISTERED}@champion",
-                                        pool="a100-mig", route_prefix=PREFIX,
-                                        api_key_file=local_cluster.api_key_path,
-                                        ingress_mode=request.param))
+    cfg.write_text(yaml.safe_dump(config, sort_keys=False))
     out = rayplane(cluster_env, "serve", "up", str(cfg))
     assert out.returncode == 0, out.stderr + out.stdout
     base_url = f"{local_cluster.serve_url}{PREFIX}/v1"
@@ -382,3 +395,30 @@ def test_ingress_is_haproxy_listening_on_loopback_only(local_cluster, client):
     assert ("127.0.0.1", local_cluster.ports["serve"]) in sockets, sockets
     assert len(sockets) >= 3, f"endpoint, stats and metrics expected: {sockets}"
     assert {addr for addr, _ in sockets} == {"127.0.0.1"}, sockets
+
+
+def test_a_request_naming_the_pool_gets_its_online_features(client, tokenizer, cluster_env,
+                                                            monkeypatch):
+    from features.store import feature_store
+    from serve.online_features import HEADER, system_text
+
+    def ask(**extra):
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=tm.GREETING, temperature=0, max_tokens=2, **extra)
+        return raw.headers.get(HEADER), raw.parse()
+
+    # The store's values for the pool now, read with Feast directly as the replicas read them.
+    for key in ("RAYPLANE_STATE_DIR", "RAYPLANE_POSTGRES_DSN_FILE"):
+        monkeypatch.setenv(key, cluster_env[key])
+    row = feature_store().get_online_features(features=ONLINE_FEATURES,
+                                              entity_rows=[{"pool": POOL}]).to_dict()
+    values = {f"pool_load:{name}": row[name][0] for name in LOAD}
+    header, with_features = ask(metadata={"pool": POOL})
+    plain_header, plain = ask()
+    assert header == ",".join(ONLINE_FEATURES)
+    assert plain_header == "none; metadata.pool missing"
+    # The prompt grew by exactly the system message holding the store's values for the pool.
+    messages = [tm.GREETING[0], {"role": "system", "content": system_text("pool", POOL, values)},
+                *tm.GREETING[1:]]
+    assert with_features.usage.prompt_tokens == chat_prompt_len(tokenizer, messages)
+    assert with_features.usage.prompt_tokens > plain.usage.prompt_tokens
