@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig.load(args.config, args.overrides)
         placement = preflight(cfg, connect_to_ray=False)
         # The tokenizer (and the task data it is trained on) before Ray: see
-        # platform._settle_working_dir.
+        # raycluster.rayjob.settle_working_dir.
         tokenizer = build_tokenizer(cfg)
         placement = connect(cfg, placement.catalog)
     except SpecError as err:

@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         sw = SweepConfig.load(args.config, args.overrides)
         cfg = sw.base_config(args.base_overrides)
         placement = preflight(cfg, connect_to_ray=False)
-        tokenizer = build_tokenizer(cfg)  # before Ray: see platform._settle_working_dir
+        tokenizer = build_tokenizer(cfg)  # before Ray: see raycluster.rayjob.settle_working_dir
         placement = connect(cfg, placement.catalog)
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
