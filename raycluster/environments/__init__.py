@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from raycluster.environments.feature_store import FeatureStore
 from raycluster.environments.serving import Serving
 from raycluster.spec import Spec, SpecError, did_you_mean
 
@@ -309,6 +310,12 @@ class Environment(Spec):
                     "(unset: endpoints reachable in the cluster only, NewCluster upgrades).")
     addons: AddOns = Field(default_factory=AddOns,
                            description="What the add-ons need from Terraform (infra/helm).")
+    feature_store: FeatureStore | None = Field(
+        default=None,
+        description="The Feast feature store on EKS (Terraform outputs feature_store_*): its "
+                    "registry/offline bucket, the online store on the MLflow RDS instance, the "
+                    "materialisation RayCronJob and the TF RayJob "
+                    "(raycluster/kuberay/features.py).")
     clusters: list[ClusterSpec] = Field(default_factory=list, description="RayClusters.")
     jobs: list[RayJobSpec] = Field(default_factory=list, description="RayJobs.")
     services: list[RayServiceSpec] = Field(default_factory=list, description="RayServices.")
@@ -396,6 +403,7 @@ def load_environment(name_or_path: str | Path) -> Environment:
     return Environment.from_file(path)
 
 
-__all__ = ["AddOns", "AgentsDatabase", "AgentsServiceSpec", "ClusterSpec", "Environment", "GitOps",
+__all__ = ["AddOns", "AgentsDatabase", "AgentsServiceSpec", "ClusterSpec", "Environment", "FeatureStore",
+           "GitOps",
            "HeadSpec", "Images", "RayCronJobSpec", "RayJobSpec", "RayServiceSpec", "Serving",
            "Storage", "WorkerGroupSpec", "environment_names", "load_environment"]

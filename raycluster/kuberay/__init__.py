@@ -15,7 +15,8 @@ Modules: ``sizing`` (what a worker group's pods ask and how many: from a worker 
 training config or a serve config), ``pods`` (containers, volumes, the head and worker group
 specs, the submitter pod, Secrets as env variables or files), ``objects`` (the RayCluster,
 RayJob, RayCronJob and RayService objects), ``agents`` (the agents app's RayService) and
-``serving`` (Redis TLS on the heads, upgrade strategies, Gateways and TLS load balancers).
+``serving`` (Redis TLS on the heads, upgrade strategies, Gateways and TLS load balancers) and
+``features`` (the Feast feature store: its yaml, login, materialisation and the TF job).
 """
 
 from raycluster.kuberay.agents import (
@@ -26,6 +27,7 @@ from raycluster.kuberay.agents import (
     agents_groups,
     render_agents_service,
 )
+from raycluster.kuberay.features import render_feature_store
 from raycluster.kuberay.objects import (
     API_VERSION,
     entrypoint_for,
@@ -73,6 +75,7 @@ __all__ = [
     "entrypoint_for",
     "ray_cluster_spec",
     "render_agents_service",
+    "render_feature_store",
     "render_raycluster",
     "render_raycronjob",
     "render_rayjob",

@@ -14,6 +14,7 @@ from agents.serve_app import MCP_CPUS, agents_pool, priority_class, serve_config
 from agents.spec import AgentsAppConfig
 from raycluster.catalog import Catalog, Pool
 from raycluster.environments import AgentsServiceSpec, Environment
+from raycluster.kuberay.features import wire_agents_service
 from raycluster.kuberay.objects import dns_name, ray_cluster_spec, rayservice_object
 from raycluster.kuberay.pods import (
     AUTH_SECRET,
@@ -146,7 +147,9 @@ def render_agents_service(catalog: Catalog, env: Environment, svc: AgentsService
     # go where they are read.
     for group in cluster["workerGroupSpecs"]:
         wire_secrets(config, group["template"])
-    return rayservice_object(env, svc, name, cluster, rendered, field=field)
+    service = rayservice_object(env, svc, name, cluster, rendered, field=field)
+    wire_agents_service(env, service)  # job_estimate: the feature store (and the -tf images)
+    return service
 
 
 __all__ = ["AGENTS_DB_SECRET", "AGENTS_DB_SECRET_KEY", "MODEL_KEY_SECRET",

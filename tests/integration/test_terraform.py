@@ -20,11 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -62,16 +58,12 @@ from tests.support.terraform import (
     REGION,
     Deployment,
     copy_configuration,
-    free_port,
     ingress,
     only_from_nodes,
     role_statements,
     tags_of,
     terraform,
-    tf_env,
     trust_subjects,
-    wait_listening,
-    write_moto_overrides,
 )
 
 
@@ -155,45 +147,8 @@ def test_the_vpc_cni_enforces_network_policies(tmp_path: Path):
 # -- apply against moto ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint(tmp_path_factory: pytest.TempPathFactory):
-    port = free_port()
-    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        # AWS managed policies (AmazonEKSClusterPolicy...) exist in moto only when loaded.
-        env={**tf_env(), "MOTO_IAM_LOAD_MANAGED_POLICIES": "true"},
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_listening(port, proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        log.close()
-
-
-#: The environment's variables for the apply against moto.
-
-@pytest.fixture(scope="module")
-def deployment(moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory):
-    root = copy_configuration(tmp_path_factory.mktemp("tf") / "terraform")
-    write_moto_overrides(root, moto_endpoint)
-    dep = Deployment(root, moto_endpoint)
-    dep.run("init", "-input=false", timeout=120)
-    try:
-        dep.apply()
-        dep.out = dep.outputs()
-        yield dep
-    finally:
-        if not dep.destroyed:
-            dep.destroy()  # never leave resources behind, even after a failed check
-        print(f"\nterraform timings against moto (s): "
-              f"{ {k: round(v, 1) for k, v in dep.timings.items()} }")
+# `moto_endpoint` and `deployment` (one apply per session, shared with
+# test_features_terraform.py) are tests/support/terraform.py's session fixtures.
 
 
 @applies

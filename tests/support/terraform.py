@@ -25,12 +25,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import boto3
+import pytest
 
 from raycluster.terraform import TERRAFORM_DIR
 
@@ -338,3 +341,49 @@ def only_from_nodes(ec2, group_id: str, port: int, node_sg: str) -> None:
     assert (rule["IpProtocol"], rule["FromPort"], rule["ToPort"]) == ("tcp", port, port)
     assert [p["GroupId"] for p in rule["UserIdGroupPairs"]] == [node_sg]
     assert rule.get("IpRanges", []) == [] and rule.get("Ipv6Ranges", []) == []
+
+
+# -- the one apply of a test session --------------------------------------------------------
+# Session fixtures (a plugin of tests/conftest.py): test_features_terraform.py and
+# test_terraform.py check the same apply; a second apply would cost about 4 minutes on 2 cores.
+# test_features_terraform.py sorts first, so its checks run before test_terraform.py's re-apply
+# with new pools and its destroy test.
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint(tmp_path_factory: pytest.TempPathFactory):
+    port = free_port()
+    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        # AWS managed policies (AmazonEKSClusterPolicy...) exist in moto only when loaded.
+        env={**tf_env(), "MOTO_IAM_LOAD_MANAGED_POLICIES": "true"},
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_listening(port, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def deployment(moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory):
+    root = copy_configuration(tmp_path_factory.mktemp("tf") / "terraform")
+    write_moto_overrides(root, moto_endpoint)
+    dep = Deployment(root, moto_endpoint)
+    dep.run("init", "-input=false", timeout=120)
+    try:
+        dep.apply()
+        dep.out = dep.outputs()
+        yield dep
+    finally:
+        if not dep.destroyed:
+            dep.destroy()  # never leave resources behind, even after a failed check
+        print(f"\nterraform timings against moto (s): "
+              f"{ {k: round(v, 1) for k, v in dep.timings.items()} }")

@@ -43,6 +43,9 @@ ALLOWED: dict[str, tuple[str, tuple[str, ...]]] = {
     "rayplane-redis": (_SECRET_NAMES, ("raycluster/kuberay/pods.py",)),
     "rayplane-serve-api-keys": (_SECRET_NAMES, ("raycluster/kuberay/pods.py",)),
     "grafana-admin": (_SECRET_NAMES, ("infra/helm/kube-prometheus-stack/values.yaml",)),
+    # The feature store's database bootstrap Job mounts both logins as files (issue 17).
+    "mlflow-db": (_SECRET_NAMES, ("infra/k8s/25-job.yaml",)),
+    "feast-online-store": (_SECRET_NAMES, ("infra/k8s/25-job.yaml",)),
     "password": (_DATA_KEYS, ("infra/helm/mlflow/values.yaml",
                               "infra/k8s/08-externalsecret.yaml")),
     "username": (_DATA_KEYS, ("infra/k8s/08-externalsecret.yaml",)),

@@ -270,7 +270,8 @@ def test_a_worker_that_does_not_fit_its_instance_type_fails_the_schedule_naming_
     # (32 GiB): its 40 GiB worker fits none of them.
     small = with_pool(catalog, "a100-timeslice", instance_types=["g5.2xlarge"])
     problems = schedule(small, admitted_pods(production))
-    assert len(problems) == 20  # training 12 + research 6 + the RayJob's and cron job's 1 each
+    # training 12 + research 6 + the RayJob's and cron job's 1 each + the TF RayJob's 2
+    assert len(problems) == 22
     assert all(p.startswith("pool 'a100-timeslice': ") and "g5.2xlarge" in p
                for p in problems), problems
     # A worker that fits the instance only on paper (96 vCPUs, ~95.2 free) is refused before

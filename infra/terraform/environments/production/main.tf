@@ -77,8 +77,8 @@ module "storage" {
   force_destroy          = var.force_destroy_buckets
   workload_identities    = var.workload_identities
   enable_backup_policies = var.enable_backup_policies
-  # Velero's backup bucket logs its access here too.
-  access_log_source_bucket_arns = [module.platform.velero_bucket_arn]
+  # Velero's backup bucket and the Feast bucket log their access here too.
+  access_log_source_bucket_arns = [module.platform.velero_bucket_arn, module.platform.feature_store_bucket_arn]
 }
 
 module "platform" {

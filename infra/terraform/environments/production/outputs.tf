@@ -177,3 +177,23 @@ output "vpc_endpoint_ids" {
   description = "VPC endpoint per AWS service: S3 (gateway), ECR API and registry, STS, Secrets Manager, CloudWatch Logs (interface, private DNS)."
   value       = module.network.vpc_endpoint_ids
 }
+
+output "feature_store_bucket_name" {
+  description = "Feast's registry and offline-store bucket: feature_store.bucket of raycluster/environments/production.yaml."
+  value       = module.platform.feature_store_bucket_name
+}
+
+output "feature_store_role_arn" {
+  description = "IRSA role of the feature-store service account: feature_store.role_arn of the environment."
+  value       = module.platform.feature_store_role_arn
+}
+
+output "feature_store_db_name" {
+  description = "Database and login of Feast's online store on the MLflow instance: feature_store.database.database of the environment."
+  value       = module.platform.feature_store_db_name
+}
+
+output "feature_store_db_secret_name" {
+  description = "Secrets Manager secret of the online store's login: feature_store.database.secret of the environment."
+  value       = module.platform.feature_store_db_secret_name
+}

@@ -22,6 +22,7 @@ locals {
     "external-secrets"             = var.external_secrets_service_accounts
     velero                         = var.velero_service_accounts
     "aws-load-balancer-controller" = var.load_balancer_controller_service_accounts
+    "feature-store"                = var.feature_store_service_accounts
   }
 }
 

@@ -77,3 +77,28 @@ output "load_balancer_controller_role_arn" {
   description = "IRSA role of the AWS Load Balancer Controller: serviceAccount.annotations in infra/helm/aws-load-balancer-controller/values.yaml."
   value       = aws_iam_role.load_balancer_controller.arn
 }
+
+output "feature_store_bucket_name" {
+  description = "Bucket of Feast's registry, offline data and staging (s3://<this>/features/...): feature_store.bucket of the environment."
+  value       = aws_s3_bucket.feast.id
+}
+
+output "feature_store_bucket_arn" {
+  description = "ARN of the Feast bucket (the access-log bucket admits it as a log source)."
+  value       = aws_s3_bucket.feast.arn
+}
+
+output "feature_store_role_arn" {
+  description = "IRSA role of the feature-store service account: feature_store.role_arn of the environment."
+  value       = aws_iam_role.feature_store.arn
+}
+
+output "feature_store_db_name" {
+  description = "Database (and login role) of Feast's online store on the MLflow instance (mlflow_db_address)."
+  value       = var.feature_store_db_name
+}
+
+output "feature_store_db_secret_name" {
+  description = "Secrets Manager secret with the online store's login (JSON username, password): the ExternalSecret feast-online-store reads it."
+  value       = aws_secretsmanager_secret.feast_db.name
+}

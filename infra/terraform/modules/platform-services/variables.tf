@@ -337,3 +337,44 @@ variable "tags" {
   type        = map(string)
   default     = {}
 }
+
+# -- the Feast feature store (feature-store.tf) ------------------------------------------------
+
+variable "feature_store_bucket_name" {
+  description = "Bucket of Feast's registry and offline store; default <name>-feast-<account id>."
+  type        = string
+  default     = null
+}
+
+variable "feature_store_service_accounts" {
+  description = "Service accounts (namespace/name) allowed to assume <name>-feature-store: the feature-store account of the materialisation RayCronJob and the TF RayJob (training) and of the agents app's workers, whose job_estimate tool reads the store (agentic); rendered by raycluster/kuberay/features.py."
+  type        = list(string)
+  default     = ["training/feature-store", "agentic/feature-store"]
+
+  validation {
+    condition     = length(var.feature_store_service_accounts) > 0 && alltrue([for sa in var.feature_store_service_accounts : can(regex("^[a-z0-9-]+/[a-z0-9.-]+$", sa))])
+    error_message = "var.feature_store_service_accounts must hold namespace/name pairs, such as training/feature-store."
+  }
+}
+
+variable "feature_store_db_name" {
+  description = "Database and login role of Feast's online store on the MLflow instance."
+  type        = string
+  default     = "feast"
+
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9_]{0,62}$", var.feature_store_db_name)) && var.feature_store_db_name != "mlflow"
+    error_message = "var.feature_store_db_name must be a PostgreSQL identifier (lowercase letters, digits, '_') other than mlflow (MLflow's master login)."
+  }
+}
+
+variable "feature_store_noncurrent_version_days" {
+  description = "Days a replaced registry or offline file is kept (the registry, features/registry.db, is overwritten by each feast apply)."
+  type        = number
+  default     = 30
+
+  validation {
+    condition     = var.feature_store_noncurrent_version_days >= 1
+    error_message = "var.feature_store_noncurrent_version_days must be at least 1."
+  }
+}
