@@ -62,12 +62,16 @@ def test_the_feature_store_role_reaches_only_the_feast_bucket(deployment: Deploy
     arn = deployment.out["feature_store_role_arn"]
     assert arn == f"arn:aws:iam::{ACCOUNT}:role/{CLUSTER}-feature-store"
     role = arn.rsplit("/", 1)[-1]
-    # Trusted by the account the rendered feature-store pods run as, nothing else.
-    (sa,) = [o for o in rendered("03-serviceaccount.yaml")
-             if o["metadata"]["name"] == "feature-store"]
-    assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].rsplit("/", 1)[-1] == role
+    # Trusted by the accounts the rendered feature-store pods run as (the feature store's jobs
+    # in training, the agents' workers in agentic), nothing else.
+    accounts = [o for o in rendered("03-serviceaccount.yaml")
+                if o["metadata"]["name"] == "feature-store"]
+    assert {sa["metadata"]["namespace"] for sa in accounts} == {"training", "agentic"}
+    for sa in accounts:
+        assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].rsplit(
+            "/", 1)[-1] == role
     assert trust_subjects(iam, role, deployment.out["oidc_provider_arn"]) == {
-        irsa_subject(f"{sa['metadata']['namespace']}/feature-store")}
+        irsa_subject(f"{sa['metadata']['namespace']}/feature-store") for sa in accounts}
     bucket_arn = f"arn:aws:s3:::{deployment.out['feature_store_bucket_name']}"
     statements = role_statements(iam, role)
     for st in statements:
@@ -96,9 +100,10 @@ def test_the_online_store_login_is_generated_encrypted_and_readable_by_external_
     assert login["username"] == deployment.out["feature_store_db_name"] == "feast"
     assert len(login["password"]) == 48 and login["password"].isalnum()
     # External Secrets' role reads it (the environment's prefix), as the rendered
-    # ExternalSecrets ask: the feature store's pods' (training) and the bootstrap Job's (mlops).
+    # ExternalSecrets ask: the feature store's pods' (training), the agents' workers' (agentic)
+    # and the bootstrap Job's (mlops).
     copies = [e for e in aws_external_secrets() if e["metadata"]["name"] == "feast-online-store"]
-    assert {e["metadata"]["namespace"] for e in copies} == {"training", "mlops"}
+    assert {e["metadata"]["namespace"] for e in copies} == {"training", "agentic", "mlops"}
     assert {d["remoteRef"]["key"] for e in copies for d in e["spec"]["data"]} == {name}
     role = deployment.out["external_secrets_role_arn"].rsplit("/", 1)[-1]
     resources = [r for s in role_statements(iam, role) if s["Action"][0].startswith("secrets")
