@@ -197,7 +197,9 @@ def test_coalescing_starts_after_the_first_visible_text(engine):
         return deltas
 
     deltas = asyncio.run(until_text())
-    assert deltas[0].text == "" and deltas[-1].text.startswith(first), deltas
+    # The textless first delta reaches the client on its own unless the client reads late,
+    # when the engine hands it over merged with the next ones (seen on a loaded CI machine).
+    assert all(d.text == "" for d in deltas[:-1]) and deltas[-1].text.startswith(first), deltas
     # The text came with the next token or so, not with the rest of the generation.
     assert sum(len(d.token_ids) for d in deltas) < min(20, budget // 4), \
         [len(d.token_ids) for d in deltas]
