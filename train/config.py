@@ -25,6 +25,27 @@ _NAME = re.compile(r"^[a-z0-9]([-a-z0-9_.]{0,61}[a-z0-9])?$")
 _URI = re.compile(r"^[a-z][a-z0-9+.-]*://")
 
 
+def check_run_name(v: str) -> str:
+    """A run's name (train.fit's and train.duration's): it names folders, MLflow runs and
+    Kubernetes objects."""
+    if not _NAME.match(v):
+        raise ValueError("must be lowercase letters, digits, '-', '_' or '.', starting "
+                 "and ending with a letter or digit, at most 63 characters")
+    return v
+
+
+def check_storage_path(v: str) -> str:
+    """Where a run's checkpoints live: a URI, or an absolute path (made so)."""
+    if _URI.match(v):
+        return v
+    path = Path(v).expanduser()
+    if not path.is_absolute():
+        raise ValueError("must be an absolute path or a URI such as s3://bucket/runs: "
+                 "a job's working directory is temporary, so relative paths "
+                 "would lose the checkpoints")
+    return str(path)
+
+
 def default_storage_path() -> str:
     """Where runs keep checkpoints when the config does not say: RAYPLANE_STORAGE_PATH, else
     the local platform's state folder (``.rayplane/runs``), else ``~/ray_results/rayplane``."""
@@ -199,22 +220,12 @@ class TrainConfig(RunConfigFile):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError("must be lowercase letters, digits, '-', '_' or '.', starting "
-                             "and ending with a letter or digit, at most 63 characters")
-        return v
+        return check_run_name(v)
 
     @field_validator("storage_path")
     @classmethod
     def _storage(cls, v: str) -> str:
-        if _URI.match(v):
-            return v
-        path = Path(v).expanduser()
-        if not path.is_absolute():
-            raise ValueError("must be an absolute path or a URI such as s3://bucket/runs: "
-                             "a job's working directory is temporary, so relative paths "
-                             "would lose the checkpoints")
-        return str(path)
+        return check_storage_path(v)
 
     @model_validator(mode="after")
     def _cross_fields(self) -> Self:

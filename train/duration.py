@@ -307,11 +307,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def result_from_logs(text: str) -> dict[str, Any] | None:
-    """The outcome a ``train.duration`` job printed (for scripts and tests reading logs)."""
-    for line in reversed(text.splitlines()):
-        if RESULT_PREFIX in line:
-            return json.loads(line.split(RESULT_PREFIX, 1)[1])
-    return None
+    """The outcome a ``train.duration`` job printed (for scripts and tests reading job logs)."""
+    return tracking.result_line(text, RESULT_PREFIX)
 
 
 if __name__ == "__main__":

@@ -10,18 +10,19 @@ small Keras regressor, trained for ``epochs`` on the point-in-time-correct rows 
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
-from pathlib import Path
 from typing import Self
 
 from pydantic import Field, field_validator, model_validator
 
 from raycluster.spec import Spec
-from train.config import MLflowSpec, RunConfigFile, default_storage_path
-
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9_.]{0,61}[a-z0-9])?$")
-_URI = re.compile(r"^[a-z][a-z0-9+.-]*://")
+from train.config import (
+    MLflowSpec,
+    RunConfigFile,
+    check_run_name,
+    check_storage_path,
+    default_storage_path,
+)
 
 
 class DurationMLflowSpec(MLflowSpec):
@@ -98,10 +99,7 @@ class DurationConfig(RunConfigFile):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError("must be lowercase letters, digits, '-', '_' or '.', starting "
-                             "and ending with a letter or digit, at most 63 characters")
-        return v
+        return check_run_name(v)
 
     @field_validator("hidden")
     @classmethod
@@ -114,11 +112,4 @@ class DurationConfig(RunConfigFile):
     @field_validator("storage_path")
     @classmethod
     def _storage(cls, v: str) -> str:
-        if _URI.match(v):
-            return v
-        path = Path(v).expanduser()
-        if not path.is_absolute():
-            raise ValueError("must be an absolute path or a URI such as s3://bucket/runs: "
-                             "a job's working directory is temporary, so relative paths "
-                             "would lose the checkpoints")
-        return str(path)
+        return check_storage_path(v)

@@ -340,3 +340,12 @@ def list_models(uri: str, name: str | None = None) -> list[dict[str, Any]]:
                          "exact_match": v.tags.get("eval_exact_match"),
                          "created": v.creation_timestamp})
     return rows
+
+
+def result_line(text: str, prefix: str) -> dict[str, Any] | None:
+    """The JSON a job printed after ``prefix`` on its last such line (train.fit's and
+    train.duration's outcome, for scripts and tests reading job logs)."""
+    for line in reversed(text.splitlines()):
+        if prefix in line:
+            return json.loads(line.split(prefix, 1)[1])
+    return None
