@@ -23,6 +23,16 @@ from serve.ingress import OpenAIIngress
 from serve.model_server import ModelServer
 
 
+def _server(model: dict):
+    """The deployment class of one model: the engine in the replica (cpu, triton: a Triton
+    server the replica talks to) or a proxy to an OpenAI-compatible upstream."""
+    if model.get("engine") == "openai-upstream":
+        from serve.engines.upstream import UpstreamModelServer
+
+        return UpstreamModelServer
+    return ModelServer
+
+
 def build_app(args: dict) -> serve.Application:
     """The application of a serve config's ``args`` (see ``serve.builder.app_args``)."""
     tracking = args.get("mlflow_tracking_uri")
@@ -31,7 +41,7 @@ def build_app(args: dict) -> serve.Application:
         return OpenAIIngress.options(name=model["deployment"]).bind(
             None, args.get("api_keys"), in_replica=model, mlflow_tracking_uri=tracking,
             limits=args.get("limits"), online_features=args.get("online_features"))
-    models = {m["name"]: ModelServer.options(name=m["deployment"]).bind(m, tracking)
+    models = {m["name"]: _server(m).options(name=m["deployment"]).bind(m, tracking)
               for m in args["models"]}
     return OpenAIIngress.bind(models, args.get("api_keys"), limits=args.get("limits"),
                               online_features=args.get("online_features"))

@@ -6,9 +6,10 @@ the same document. It refuses an impossible placement (a pool that does not exis
 pool it cannot run on) with a :class:`~raycluster.spec.SpecError` naming the field, before
 anything is deployed.
 
-- ``engine: cpu``: rayplane's own app, ``serve.app:build_app``, whose ``args`` are
-  :func:`app_args`: one ingress deployment and one deployment per model (``router``), or the
-  model's replicas answering HTTP themselves (``direct``).
+- ``engine: cpu``, ``triton``, ``openai-upstream`` (mixed at will): rayplane's own app,
+  ``serve.app:build_app``, whose ``args`` are :func:`app_args`: one ingress deployment and one
+  deployment per model (``router``), or the model's replicas answering HTTP themselves
+  (``direct``, cpu only).
 - ``engine: vllm``: ``serve.engines.vllm:build_app`` over the ``LLMConfig`` of each model
   (serve/engines/vllm_config.py).
 """
@@ -19,12 +20,14 @@ from typing import Any
 
 from raycluster.catalog import Catalog, Pool
 from raycluster.spec import SpecError
-from serve.config import EngineKind, IngressMode, ServeAppConfig
+from serve.config import EngineKind, IngressMode, ModelSpec, ServeAppConfig
 from serve.engines.vllm_config import check_placement, llm_config_dict, validate_llm_config
 from serve.online_features import app_specs
 
 #: Import path of the application builder for each engine (``serve deploy``'s import_path).
 APP_BUILDERS = {EngineKind.cpu: "serve.app:build_app",
+                EngineKind.triton: "serve.app:build_app",
+                EngineKind.openai_upstream: "serve.app:build_app",
                 EngineKind.vllm: "serve.engines.vllm:build_app"}
 #: Name of the CPU app's router deployment.
 INGRESS_DEPLOYMENT = "OpenAIIngress"
@@ -38,7 +41,7 @@ def to_serve_config(config: ServeAppConfig, catalog: Catalog) -> dict[str, Any]:
         pool = catalog.pool(m.pool, f"models[{i}].pool")
         if m.engine is EngineKind.vllm:
             check_placement(m, pool, f"models[{i}]")
-    if config.engine is EngineKind.vllm:
+    if config.is_vllm:
         app = vllm_application(config, catalog)
     else:
         app = cpu_application(config, catalog, ingress_pool)
@@ -53,12 +56,7 @@ def app_args(config: ServeAppConfig) -> dict[str, Any]:
     """What the CPU app's builder (``serve.app:build_app``) receives: ``args`` of the Serve
     config."""
     args: dict[str, Any] = {
-        "models": [{"name": m.name, "source": m.source,
-                    "max_num_seqs": m.max_num_seqs or 16,
-                    "max_model_len": m.max_model_len,
-                    "threads": max(1, round(m.cpus)),
-                    "stream_interval_ms": m.stream_interval_ms,
-                    "deployment": m.deployment_name} for m in config.models],
+        "models": [_model_args(m) for m in config.models],
         "api_keys": config.api_keys.model_dump() if config.api_keys else None,
         "mlflow_tracking_uri": config.mlflow_tracking_uri,
     }
@@ -71,6 +69,23 @@ def app_args(config: ServeAppConfig) -> dict[str, Any]:
     if config.ingress.mode is IngressMode.direct:
         args["ingress_mode"] = IngressMode.direct.value
     return args
+
+
+def _model_args(m: ModelSpec) -> dict[str, Any]:
+    """One model's entry of ``args["models"]``: what its deployment's constructor gets."""
+    out: dict[str, Any] = {"name": m.name, "source": m.source, "engine": m.engine.value,
+                           "max_num_seqs": m.max_num_seqs or 16,
+                           "max_model_len": m.max_model_len,
+                           "threads": max(1, round(m.cpus)),
+                           "stream_interval_ms": m.stream_interval_ms,
+                           "deployment": m.deployment_name}
+    if m.triton is not None:
+        out["triton"] = {**m.triton.model_dump(mode="json", exclude={"server", "url"}),
+                         "url": m.triton_url()}
+    if m.upstream is not None:
+        out["upstream"] = {**m.upstream.model_dump(mode="json", exclude={"server", "base_url"}),
+                           "base_url": m.upstream_url()}
+    return out
 
 
 def cpu_application(config: ServeAppConfig, catalog: Catalog, ingress_pool: Pool
@@ -87,6 +102,14 @@ def cpu_application(config: ServeAppConfig, catalog: Catalog, ingress_pool: Pool
     for m in config.models:
         pool = catalog.pool(m.pool)
         max_num_seqs = m.max_num_seqs or 16
+        if not m.holds_model:
+            # A client of a server elsewhere (an upstream, a Triton container) holds no model:
+            # it runs beside the ingress, on its pool and share of a core; ``pool`` names where
+            # a server rayplane renders (TGI, Triton) runs.
+            resources = _actor_resources(ingress_pool, config.ingress.cpus,
+                                         units=config.ingress.cpus)
+        else:
+            resources = _actor_resources(pool, m.cpus, units=m.cpus if not pool.has_gpu else 1)
         deployments.append({
             "name": m.deployment_name,
             "autoscaling_config": m.autoscaling.serve_options(),
@@ -97,13 +120,12 @@ def cpu_application(config: ServeAppConfig, catalog: Catalog, ingress_pool: Pool
             "graceful_shutdown_timeout_s": 30,
             "health_check_period_s": 5,
             "health_check_timeout_s": 30,
-            "ray_actor_options": _actor_resources(
-                pool, m.cpus, units=m.cpus if not pool.has_gpu else 1),
+            "ray_actor_options": resources,
         })
     app: dict[str, Any] = {
         "name": config.name,
         "route_prefix": config.route_prefix,
-        "import_path": APP_BUILDERS[EngineKind.cpu],
+        "import_path": APP_BUILDERS[config.engine],
         "args": app_args(config),
         "deployments": deployments,
     }

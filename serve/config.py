@@ -17,14 +17,35 @@ from pydantic import Field, field_validator, model_validator
 
 from raycluster.spec import Spec
 from serve.online_features import OnlineFeaturesSpec
+from serve.server_specs import (
+    TGI_PORT,
+    TRITON_GRPC_PORT,
+    TritonServerKind,
+    TritonSpec,
+    UpstreamServerKind,
+    UpstreamSpec,
+    tgi_service,
+    triton_service,
+)
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _REGISTRY = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
 
 
 class EngineKind(StrEnum):
+    #: rayplane's own continuous-batching engine (torch + transformers) in the replica.
     cpu = "cpu"
+    #: Ray's ``ray.serve.llm`` over vLLM (GPU pools); an application of its own.
     vllm = "vllm"
+    #: A Triton Inference Server the replica speaks KServe v2 gRPC to (serve/engines/triton.py).
+    triton = "triton"
+    #: Any OpenAI-compatible server outside Ray, proxied (serve/engines/upstream.py).
+    openai_upstream = "openai-upstream"
+
+
+#: Engines rayplane's own ingress routes to (one application may mix them); vLLM models run
+#: behind Ray's own OpenAI ingress instead.
+ROUTED_ENGINES = frozenset({EngineKind.cpu, EngineKind.triton, EngineKind.openai_upstream})
 
 
 class IngressMode(StrEnum):
@@ -112,8 +133,9 @@ class ModelSpec(Spec):
                                     "models:/NAME/VERSION (MLflow registry), runs:/RUN/PATH, "
                                     "s3://bucket/prefix, or a local Hugging Face folder.")
     pool: str = Field(default="cpu", description="Pool whose nodes run the replicas.")
-    engine: EngineKind = Field(default=EngineKind.cpu,
-                               description="cpu (torch + transformers) or vllm (GPU pools).")
+    engine: EngineKind = Field(default=EngineKind.cpu, description=(
+        "cpu (torch + transformers in the replica), vllm (GPU pools), triton (a Triton "
+        "Inference Server) or openai-upstream (any OpenAI-compatible server)."))
     autoscaling: Autoscaling = Field(default_factory=Autoscaling,
                                      description="Replica autoscaling.")
     max_num_seqs: int | None = Field(default=None, ge=1, le=1024,
@@ -146,6 +168,10 @@ class ModelSpec(Spec):
                                               "sharing; may only be lowered).")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict,
                                           description="vllm: further engine arguments.")
+    triton: TritonSpec | None = Field(default=None, description=(
+        "triton: where its Triton server runs (default: the replica starts one)."))
+    upstream: UpstreamSpec | None = Field(default=None, description=(
+        "openai-upstream: the OpenAI-compatible server that answers for this model."))
     online_features: OnlineFeaturesSpec | None = Field(default=None, description=(
         "Features of the online store attached to each chat request as a system message, "
         "keyed by the request's metadata (serve/online_features.py)."))
@@ -191,13 +217,53 @@ class ModelSpec(Spec):
     def _engine_fields(self) -> ModelSpec:
         """The vLLM-only fields mean nothing to the CPU engine: set on a cpu model they would
         size its pods for GPUs it never uses, so they are refused by name."""
-        if self.engine is EngineKind.cpu:
+        if self.engine is not EngineKind.vllm:
             for name, unset in (("tensor_parallel_size", 1), ("gpu_units", 1),
                                 ("gpu_memory_utilization", None), ("engine_kwargs", {})):
                 if getattr(self, name) != unset:
                     raise ValueError(f"{name}: is a vllm setting and this model's engine is "
-                                     "'cpu'; remove it or set engine: vllm")
+                                     f"{self.engine.value!r}; remove it or set engine: vllm")
+        if self.engine is EngineKind.triton and self.triton is None:
+            self.triton = TritonSpec()
+        if self.triton is not None and self.engine is not EngineKind.triton:
+            raise ValueError(f"triton: is for engine 'triton' and this model's engine is "
+                             f"{self.engine.value!r}; remove it or set engine: triton")
+        if self.engine is EngineKind.openai_upstream and self.upstream is None:
+            raise ValueError("upstream: required with engine 'openai-upstream' (its base_url, "
+                             "or server: tgi)")
+        if self.upstream is not None and self.engine is not EngineKind.openai_upstream:
+            raise ValueError(f"upstream: is for engine 'openai-upstream' and this model's "
+                             f"engine is {self.engine.value!r}; remove it")
         return self
+
+    @property
+    def holds_model(self) -> bool:
+        """Whether the model's Serve replicas hold the model (cpu, vllm, a Triton process they
+        start) and so take a unit of its pool; else they are gRPC / HTTP clients of a server
+        elsewhere (openai-upstream, a Triton container or external server) and run beside the
+        ingress, while ``pool`` names where a server rayplane renders runs."""
+        if self.engine is EngineKind.openai_upstream:
+            return False
+        if self.engine is EngineKind.triton:
+            return self.triton is not None and self.triton.server is TritonServerKind.process
+        return True
+
+    def triton_url(self) -> str | None:
+        """The gRPC address of this model's Triton server, None when the replica starts its
+        own (``server: process``)."""
+        if self.triton is None or self.triton.server is TritonServerKind.process:
+            return None
+        if self.triton.server is TritonServerKind.container:
+            return f"{triton_service(self.deployment_name)}:{TRITON_GRPC_PORT}"
+        return self.triton.url
+
+    def upstream_url(self) -> str | None:
+        """The OpenAI base URL this model's requests go to (``engine: openai-upstream``)."""
+        if self.upstream is None:
+            return None
+        if self.upstream.server is UpstreamServerKind.tgi:
+            return f"http://{tgi_service(self.deployment_name)}:{TGI_PORT}/v1"
+        return self.upstream.base_url
 
     @property
     def deployment_name(self) -> str:
@@ -373,19 +439,19 @@ class ServeAppConfig(Spec):
             raise ValueError("models: two names map to the same deployment name "
                              f"({deployments}); rename one")
         kinds = {m.engine for m in self.models}
-        if len(kinds) > 1:
-            first = self.models[0].engine
-            i = next(i for i, m in enumerate(self.models) if m.engine != first)
-            raise ValueError(f"models[{i}].engine: {self.models[i].engine.value!r} differs from "
-                             f"models[0].engine {first.value!r}; one application serves one "
-                             "engine kind, write a second serve config")
+        if EngineKind.vllm in kinds and len(kinds) > 1:
+            i = next(i for i, m in enumerate(self.models) if m.engine is not EngineKind.vllm)
+            raise ValueError(
+                f"models[{i}].engine: {self.models[i].engine.value!r} beside vllm models; "
+                "vLLM runs behind Ray's own OpenAI ingress: serve it in a config of its own "
+                "and add it here as an openai-upstream model (docs/serving.md)")
         if self.ingress.mode is IngressMode.direct:
             if len(self.models) != 1:
                 raise ValueError(f"ingress.mode: 'direct' serves one model and this config has "
                                  f"{len(self.models)}; use 'router' to serve several")
             if self.engine is not EngineKind.cpu:
-                raise ValueError("ingress.mode: 'direct' is for the cpu engine; vllm apps use "
-                                 "ray.serve.llm's router (use 'router')")
+                raise ValueError(f"ingress.mode: 'direct' is for the cpu engine and this "
+                                 f"model's engine is {self.engine.value!r} (use 'router')")
         self._check_tenants()
         return self
 
@@ -410,7 +476,13 @@ class ServeAppConfig(Spec):
 
     @property
     def engine(self) -> EngineKind:
+        """vllm for a vLLM application, else the first model's (rayplane's ingress routes
+        cpu, triton and openai-upstream models alike)."""
         return self.models[0].engine
+
+    @property
+    def is_vllm(self) -> bool:
+        return self.models[0].engine is EngineKind.vllm
 
     @property
     def ingress_replicas(self) -> int:
@@ -431,7 +503,7 @@ class ServeAppConfig(Spec):
                 "replicas": self.ingress_replicas}
 
 
-__all__ = ["ApiKeys", "Autoscaling", "EngineKind", "HttpSpec", "IngressMode", "IngressSpec",
+__all__ = ["ROUTED_ENGINES", "ApiKeys", "Autoscaling", "EngineKind", "HttpSpec", "IngressMode", "IngressSpec",
            "ModelSpec", "OnlineFeaturesSpec", "RateLimits", "ServeAppConfig", "SourceKind",
            "TenantSpec", "check_api_keys", "check_tenants", "parse_registry_ref",
            "source_kind"]

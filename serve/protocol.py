@@ -281,6 +281,10 @@ class ModelCard(BaseModel):
     root: str | None = Field(default=None, description="Where the weights came from (resolved "
                                                        "registry version, URI or folder).")
     max_model_len: int | None = Field(default=None, description="Context length served.")
+    engine: str | None = Field(default=None, description=(
+        "What serves it: cpu, triton, openai-upstream (the serve spec's engine)."))
+    upstream: dict[str, str] | None = Field(default=None, description=(
+        "openai-upstream: the server's URL (no credentials) and its name of the model."))
 
 
 class ModelList(BaseModel):

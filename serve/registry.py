@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from raycluster.spec import SpecError, did_you_mean
-from serve.config import ServeAppConfig, SourceKind, parse_registry_ref
+from serve.config import EngineKind, ServeAppConfig, SourceKind, parse_registry_ref
 
 
 def pin_versions(config: ServeAppConfig, tracking_uri: str | None = None) -> ServeAppConfig:
@@ -42,9 +42,10 @@ def pin_versions(config: ServeAppConfig, tracking_uri: str | None = None) -> Ser
 
 
 def check_sources(config: ServeAppConfig) -> None:
-    """Refuse a local folder that is not a model folder before anything is deployed."""
+    """Refuse a local folder that is not a model folder before anything is deployed. An
+    openai-upstream model's source is only its card's ``root``: its server has the weights."""
     for i, m in enumerate(config.models):
-        if m.source_kind is SourceKind.folder:
+        if m.source_kind is SourceKind.folder and m.engine is not EngineKind.openai_upstream:
             path = Path(m.source)
             if not (path / "config.json").is_file():
                 raise SpecError(f"models[{i}].source: {m.source!r} is not a Hugging Face "

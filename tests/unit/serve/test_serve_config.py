@@ -116,7 +116,30 @@ def test_vllm_app_uses_ray_serve_llm_with_pool_knowledge(doc):
     (lambda d: d.update(api_keys={}), "api_keys: name an env variable or a file"),
     (lambda d: d["models"].append(dict(d["models"][0])), "models[1].name: 'chat' is also"),
     (lambda d: d["models"].append({**d["models"][0], "name": "b", "engine": "vllm"}),
-     "models[1].engine: 'vllm' differs from models[0].engine 'cpu'"),
+     "models[0].engine: 'cpu' beside vllm models; vLLM runs behind Ray's own OpenAI ingress"),
+    (lambda d: d["models"][0].update(engine="openai-upstream"),
+     "models[0].upstream: required with engine 'openai-upstream'"),
+    (lambda d: d["models"][0].update(engine="openai-upstream", upstream={"model": "x"}),
+     "models[0].upstream.base_url: required with server 'external'"),
+    (lambda d: d["models"][0].update(engine="openai-upstream",
+                                     upstream={"base_url": "ftp://h/v1"}),
+     "models[0].upstream.base_url: 'ftp://h/v1': must be an http(s) URL"),
+    (lambda d: d["models"][0].update(engine="openai-upstream",
+                                     upstream={"server": "tgi", "base_url": "http://h/v1"}),
+     "base_url: rayplane renders TGI and knows its Service"),
+    (lambda d: d["models"][0].update(upstream={"base_url": "http://h/v1"}),
+     "models[0].upstream: is for engine 'openai-upstream' and this model's engine is 'cpu'"),
+    (lambda d: d["models"][0].update(engine="triton", triton={"server": "external"}),
+     "models[0].triton.url: required with server 'external'"),
+    (lambda d: d["models"][0].update(engine="triton",
+                                     triton={"server": "external", "url": "grpc://h:8001"}),
+     "url: 'grpc://h:8001' is not host:port"),
+    (lambda d: d["models"][0].update(engine="triton", triton={"url": "h:8001"}),
+     "url: only for server 'external'"),
+    (lambda d: d["models"][0].update(engine="triton", gpu_units=2),
+     "models[0].gpu_units: is a vllm setting and this model's engine is 'triton'"),
+    (lambda d: (d.update(ingress={"mode": "direct"}), d["models"][0].update(engine="triton")),
+     "ingress.mode: 'direct' is for the cpu engine and this model's engine is 'triton'"),
     (lambda d: d["models"][0].update(source="hf://gpt2"), "unsupported scheme"),
     (lambda d: d["models"][0].update(source="models:/chat"), "not a registry reference"),
     (lambda d: d["models"][0].update(engine_kwargs={"max_num_seqs": 4}),
@@ -168,3 +191,37 @@ def test_timeslice_derivation_is_visible_in_the_rendered_config(doc):
     pool = load_catalog().pool("a100-timeslice")
     assert llm["engine_kwargs"]["gpu_memory_utilization"] == \
         derived_gpu_memory_utilization(pool) == 0.3
+
+
+def test_one_ingress_mixes_cpu_triton_and_upstream_models(doc):
+    """cpu, triton and openai-upstream models behind one router: each model's deployment gets
+    its engine's arguments, and only the replicas that hold a model take a unit of its pool
+    (a client of a server elsewhere runs beside the ingress)."""
+    doc["models"] = [
+        {**doc["models"][0], "name": "chat", "pool": "a100-mig"},
+        {"name": "chat-triton", "source": "/models/chat", "engine": "triton",
+         "pool": "h100-timeslice"},
+        {"name": "chat-triton-eks", "source": "/models/chat", "engine": "triton",
+         "pool": "a100-mig", "triton": {"server": "container"}},
+        {"name": "hosted", "source": "org/model", "engine": "openai-upstream",
+         "upstream": {"base_url": "https://llm.example.com/v1/", "model": "org/model",
+                      "api_key": {"env": "HOSTED_KEY"}}},
+        {"name": "tgi", "source": "org/model", "engine": "openai-upstream", "pool": "a100-mig",
+         "upstream": {"server": "tgi"}}]
+    app = app_of(doc)
+    assert app["import_path"] == "serve.app:build_app"
+    args = {m["name"]: m for m in app["args"]["models"]}
+    assert {n: m["engine"] for n, m in args.items()} == {
+        "chat": "cpu", "chat-triton": "triton", "chat-triton-eks": "triton",
+        "hosted": "openai-upstream", "tgi": "openai-upstream"}
+    assert args["chat-triton"]["triton"] == {"model_name": "llm", "startup_timeout_s": 180.0,
+                                             "url": None}  # the replica starts its own
+    assert args["chat-triton-eks"]["triton"]["url"] == "triton-chat-triton-eks:8001"
+    assert args["hosted"]["upstream"]["base_url"] == "https://llm.example.com/v1"
+    assert args["hosted"]["upstream"]["api_key"] == {"env": "HOSTED_KEY", "file": None}
+    assert args["tgi"]["upstream"]["base_url"] == "http://tgi-tgi:80/v1"
+    resources = {d["name"]: d["ray_actor_options"]["resources"] for d in app["deployments"]}
+    assert resources["model-chat"] == {"pool:a100-mig": 1.0}
+    assert resources["model-chat-triton"] == {"pool:h100-timeslice": 1.0}
+    for client in ("model-chat-triton-eks", "model-hosted", "model-tgi"):
+        assert resources[client] == resources["OpenAIIngress"], client
