@@ -26,7 +26,17 @@ $(VENV)/.synced: $(UV) pyproject.toml uv.lock
 	$(UV) sync --locked --extra cpu --extra dev --extra tensorflow --find-links "$(FIND_LINKS)" --compile-bytecode
 	touch $@
 
-env: $(VENV)/.synced
+# engine: triton on the local platform: nvidia-pytriton's bundled tritonserver and its Python
+# backend, in a folder of their own with the numpy < 2 its stub is built for (the package pins
+# it; this environment has numpy 2). Only the binaries are used, never pytriton's Python API
+# (serve/engines/triton_server.py).
+TRITON_DIR := .triton
+$(TRITON_DIR)/.installed: $(UV)
+	rm -rf $(TRITON_DIR)
+	$(UV) pip install --quiet --no-deps --target $(TRITON_DIR) "nvidia-pytriton==0.7.0" "numpy==1.26.4"
+	touch $@
+
+env: $(VENV)/.synced $(TRITON_DIR)/.installed
 
 # PostgreSQL's server binaries are off PATH on Debian (/usr/lib/postgresql/<version>/bin):
 # found the way the platform finds them (raycluster/local/postgres.py).
@@ -34,6 +44,7 @@ system-deps:
 	@missing=""; \
 	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	ldconfig -p | grep -q 'libpython3.11.so.1.0 ' || missing="$$missing libpython3.11"; \
 	{ [ -x "$$(pg_config --bindir 2>/dev/null)/initdb" ] || ls /usr/lib/postgresql/*/bin/initdb \
 	  >/dev/null 2>&1 || command -v initdb >/dev/null; } || missing="$$missing postgresql-15"; \
 	if [ -n "$$missing" ]; then \
@@ -75,4 +86,4 @@ lint: env
 	$(VENV)/bin/lint-imports --no-cache --no-logo
 
 clean:
-	rm -rf .tools $(VENV) .pytest_cache
+	rm -rf .tools $(VENV) $(TRITON_DIR) .pytest_cache

@@ -116,6 +116,16 @@ def merge_applications(current: dict, new_config: dict) -> dict:
     return merged
 
 
+def _deployment_failure(app_d: dict) -> str:
+    """Why a failed deployment failed: the exception its replica raised (the last line of
+    Serve's message, a traceback), so a user sees it without opening the logs."""
+    for d, v in (app_d.get("deployments") or {}).items():
+        lines = [x.strip() for x in (v.get("message") or "").splitlines() if x.strip()]
+        if v.get("status") in ("DEPLOY_FAILED", "UNHEALTHY") and lines:
+            return f" ({d}: {lines[-1][:300]})"
+    return ""
+
+
 def wait_running(serve_client, name: str, timeout: float, progress: Progress | None = None
                  ) -> dict:
     """Wait until application ``name`` is RUNNING (its details); PlatformError when it fails
@@ -130,7 +140,8 @@ def wait_running(serve_client, name: str, timeout: float, progress: Progress | N
             return app_d
         if status == "DEPLOY_FAILED":
             raise PlatformError(f"application {name!r} failed to deploy: "
-                                f"{first_line(app_d.get('message', ''))}")
+                                f"{first_line(app_d.get('message', ''))}"
+                                f"{_deployment_failure(app_d)}")
         deployments = (app_d or {}).get("deployments") or {}
         unhealthy = [(d, v) for d, v in deployments.items() if v.get("status") == "UNHEALTHY"]
         if unhealthy:

@@ -26,10 +26,10 @@ logger = logging.getLogger("ray.serve")
 
 @serve.deployment
 class ModelServer:
-    """One served model: downloads its folder, runs the CPU engine and the OpenAI logic."""
+    """One served model: downloads its folder, runs its engine (the CPU engine, or a Triton
+    server's model: serve/engines/triton.py) and the OpenAI logic."""
 
     def __init__(self, model: dict, mlflow_tracking_uri: str | None = None):
-        from serve.engines.cpu import CPUEngine
         from serve.engines.model_source import fetch_model
         from serve.metrics import ModelMetrics
         from serve.serving import OpenAIServing
@@ -39,14 +39,13 @@ class ModelServer:
         self.source = model["source"]
         self.path = fetch_model(self.source, tracking_uri=mlflow_tracking_uri)
         self._downloaded = str(self.path) != self.source
-        threads = min(int(model.get("threads") or 1), os.cpu_count() or 1)
-        self.engine = CPUEngine(self.path, max_num_seqs=int(model.get("max_num_seqs") or 16),
-                                max_model_len=model.get("max_model_len"), num_threads=threads)
+        self.engine = make_engine(model, self.path)
         # Per model version (model monitoring): the source names the registry version.
         self.metrics = ModelMetrics(self.name, self.source)
         self.serving = OpenAIServing(self.engine, self.name, root=self.source,
                                      observer=self.metrics,
-                                     stream_interval_s=self.stream_interval_s)
+                                     stream_interval_s=self.stream_interval_s,
+                                     engine_kind=model.get("engine", "cpu"))
         logger.info("model %s from %s ready (%s, max_model_len %d)", self.name, self.source,
                     self.path, self.engine.max_model_len)
 
@@ -76,8 +75,30 @@ class ModelServer:
             raise RuntimeError(failure)
 
     def __del__(self):
+        process = getattr(getattr(self, "engine", None), "process", None)
+        if process is not None:  # the Triton server this replica started
+            process.stop()
         if getattr(self, "_downloaded", False):
             shutil.rmtree(Path(self.path), ignore_errors=True)
+
+
+def make_engine(model: dict, path: Path):
+    """The engine of one model entry of the app's args (``serve.builder._model_args``)."""
+    max_num_seqs = int(model.get("max_num_seqs") or 16)
+    if model.get("engine") == "triton":
+        from serve.engines.triton import TritonEngine
+
+        triton = model["triton"]
+        return TritonEngine(path, url=triton.get("url"), model_name=triton["model_name"],
+                            max_num_seqs=max_num_seqs, max_model_len=model.get("max_model_len"),
+                            stream_interval_ms=float(model.get("stream_interval_ms", 50)),
+                            startup_timeout_s=float(triton.get("startup_timeout_s", 180)),
+                            label=model["name"])
+    from serve.engines.cpu import CPUEngine
+
+    threads = min(int(model.get("threads") or 1), os.cpu_count() or 1)
+    return CPUEngine(path, max_num_seqs=max_num_seqs, max_model_len=model.get("max_model_len"),
+                     num_threads=threads)
 
 
 class InReplicaModel:

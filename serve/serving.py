@@ -70,8 +70,10 @@ class OpenAIServing:
     """Chat and text completions for one served model on one engine."""
 
     def __init__(self, engine: Engine, model_name: str, *, root: str | None = None,
-                 observer: Observer | None = None, stream_interval_s: float = 0.0):
+                 observer: Observer | None = None, stream_interval_s: float = 0.0,
+                 engine_kind: str = "cpu"):
         self.engine = engine
+        self.engine_kind = engine_kind
         #: A stream's tokens after the first are sent at most this often (engine coalescing).
         self.stream_interval_s = stream_interval_s
         self.model_name = model_name
@@ -80,7 +82,7 @@ class OpenAIServing:
 
     def model_card(self) -> ModelCard:
         return ModelCard(id=self.model_name, root=self.root,
-                         max_model_len=self.engine.max_model_len)
+                         max_model_len=self.engine.max_model_len, engine=self.engine_kind)
 
     # -- request -> prompts and sampling parameters ----------------------------------------
 
@@ -191,11 +193,11 @@ class OpenAIServing:
         try:
             async for d in stream:
                 now = time.perf_counter()
-                if self.observer is not None and d.token_ids:
+                if self.observer is not None and d.new_tokens:
                     if last is None:
                         self.observer.first_token(now - start)
                     else:
-                        self.observer.inter_token((now - last) / len(d.token_ids))
+                        self.observer.inter_token((now - last) / d.new_tokens)
                 last = now
                 done = d
                 yield d

@@ -152,12 +152,24 @@ def redact(uri: str) -> str:
 # -- Prometheus ----------------------------------------------------------------------------
 
 
-def prometheus_config(temp_dir: Path, rules_dir: Path | None = None) -> str:
+#: Folder of ``prometheus/`` where servers the platform's replicas start (a Triton server of
+#: ``engine: triton``) leave a file_sd target file while they run (serve/engines/triton_server.py).
+SCRAPE_TARGETS = "targets"
+
+
+def prometheus_config(temp_dir: Path, rules_dir: Path | None = None,
+                      targets_dir: Path | None = None) -> str:
     """Scrape every Ray node through the service-discovery file Ray's head keeps current, and
     evaluate the alerting and recording rules of infra/monitoring copied into ``rules_dir``
-    (the same rules kube-prometheus-stack gets as PrometheusRules; docs/monitoring.md)."""
+    (the same rules kube-prometheus-stack gets as PrometheusRules; docs/monitoring.md).
+    Inference servers outside Ray's metrics (Triton's own) are scraped from the target files
+    in ``targets_dir``, as a PodMonitor scrapes them on EKS."""
     discovery = temp_dir / "prom_metrics_service_discovery.json"
     rules = f"rule_files:\n  - '{rules_dir / '*.yaml'}'\n" if rules_dir is not None else ""
+    servers = ("  - job_name: inference-servers\n"
+               "    file_sd_configs:\n"
+               f"      - files: ['{targets_dir / '*.json'}']\n"
+               "        refresh_interval: 5s\n") if targets_dir is not None else ""
     return (
         "global:\n  scrape_interval: 5s\n  evaluation_interval: 5s\n"
         + rules
@@ -166,6 +178,7 @@ def prometheus_config(temp_dir: Path, rules_dir: Path | None = None) -> str:
         "    file_sd_configs:\n"
         f"      - files: ['{discovery}']\n"
         "        refresh_interval: 5s\n"
+        + servers
     )
 
 
@@ -179,7 +192,9 @@ def prometheus_command(prom_dir: Path, temp_dir: Path, port: int) -> list[str]:
     rules_dir = prom_dir / "rules"
     write_rule_files(rules_dir)
     config = prom_dir / "prometheus.yml"
-    config.write_text(prometheus_config(temp_dir, rules_dir))
+    targets = prom_dir / SCRAPE_TARGETS
+    targets.mkdir(exist_ok=True)
+    config.write_text(prometheus_config(temp_dir, rules_dir, targets))
     return [prometheus, f"--config.file={config}",
             f"--storage.tsdb.path={prom_dir / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}",
@@ -188,6 +203,7 @@ def prometheus_command(prom_dir: Path, temp_dir: Path, port: int) -> list[str]:
 
 __all__ = [
     "HAPROXY_LOOPBACK_WRAPPER",
+    "SCRAPE_TARGETS",
     "haproxy_binary",
     "haproxy_env",
     "mlflow_command",

@@ -99,6 +99,9 @@ class Delta:
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
+    #: New tokens when the engine counts them without their ids (a server that streams text,
+    #: as Triton's vLLM backend does); None: ``len(token_ids)``.
+    token_count: int | None = None
     #: Set on a sequence's last delta. An engine only ever ends one with "stop" (EOS or a
     #: stop string) or "length"; a failure is raised as :class:`EngineError` instead.
     finish_reason: Literal["stop", "length"] | None = None
@@ -107,13 +110,43 @@ class Delta:
     #: Seconds since the request entered the engine when its first token was produced.
     first_token_s: float | None = None
 
+    @property
+    def new_tokens(self) -> int:
+        return self.token_count if self.token_count is not None else len(self.token_ids)
+
     def merge(self, later: Delta) -> Delta:
         """Two deltas as one (a slow reader gets several tokens in one chunk)."""
+        counted = self.token_count is not None or later.token_count is not None
         return Delta(text=self.text + later.text, token_ids=self.token_ids + later.token_ids,
+                     token_count=self.new_tokens + later.new_tokens if counted else None,
                      finish_reason=later.finish_reason, prompt_tokens=later.prompt_tokens,
                      completion_tokens=later.completion_tokens,
                      first_token_s=self.first_token_s if self.first_token_s is not None
                      else later.first_token_s)
+
+
+def token_budget(n_prompt: int, max_model_len: int, max_tokens: int | None,
+                 max_tokens_param: str = "max_tokens") -> int:
+    """The tokens a sequence may generate, or the 400 of a prompt that leaves no room or a
+    ``max_tokens`` past the context (vLLM's and OpenAI's wording)."""
+    if n_prompt == 0:
+        raise EngineError("the prompt is empty", param="prompt")
+    if n_prompt >= max_model_len:
+        raise EngineError(
+            f"This model's maximum context length is {max_model_len} tokens; the "
+            f"prompt has {n_prompt} tokens, leaving no room to generate", param="messages",
+            code="context_length_exceeded")
+    room = max_model_len - n_prompt
+    if max_tokens is None:
+        return room
+    if max_tokens > room:
+        raise EngineError(
+            f"This model's maximum context length is {max_model_len} tokens. However, "
+            f"you requested {n_prompt + max_tokens} tokens ({n_prompt} in the messages, "
+            f"{max_tokens} in the completion). Please reduce the length of the "
+            "messages or completion.", param=max_tokens_param,
+            code="context_length_exceeded")
+    return max_tokens
 
 
 @dataclass
@@ -169,4 +202,4 @@ class Engine(Protocol):
 
 
 __all__ = ["Delta", "Engine", "EngineError", "EngineOverloaded", "EngineStats",
-           "SamplingParams"]
+           "SamplingParams", "token_budget"]

@@ -35,7 +35,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from serve.engines.base import Delta, EngineError, EngineOverloaded, EngineStats, SamplingParams
+from serve.engines.base import (
+    Delta,
+    EngineError,
+    EngineOverloaded,
+    EngineStats,
+    SamplingParams,
+    token_budget,
+)
 from serve.engines.cpu_batch import DecodeBatch, Seq
 
 logger = logging.getLogger(__name__)
@@ -108,25 +115,8 @@ class CPUEngine:
     def check(self, prompt_ids: list[int], params: SamplingParams,
               max_tokens_param: str = "max_tokens") -> int:
         """Refuse what cannot run (400) and return the sequence's token budget."""
-        n = len(prompt_ids)
-        if n == 0:
-            raise EngineError("the prompt is empty", param="prompt")
-        if n >= self.max_model_len:
-            raise EngineError(
-                f"This model's maximum context length is {self.max_model_len} tokens; the "
-                f"prompt has {n} tokens, leaving no room to generate", param="messages",
-                code="context_length_exceeded")
-        room = self.max_model_len - n
-        if params.max_tokens is None:
-            return room
-        if params.max_tokens > room:
-            raise EngineError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                f"you requested {n + params.max_tokens} tokens ({n} in the messages, "
-                f"{params.max_tokens} in the completion). Please reduce the length of the "
-                "messages or completion.", param=max_tokens_param,
-                code="context_length_exceeded")
-        return params.max_tokens
+        return token_budget(len(prompt_ids), self.max_model_len, params.max_tokens,
+                            max_tokens_param)
 
     def failure(self) -> str | None:
         """Why the step thread is gone, if it died (the replica's health check fails)."""
