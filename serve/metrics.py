@@ -41,7 +41,8 @@ _TPS = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500]
 _REGISTRY = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/]+)|@(?P<alias>[^/]+))$")
 _ERROR_EVENT = 'data: {"error":'
 #: The HTTP status an error event's ``type`` stands for (the stream itself answered 200).
-_STATUS_OF_TYPE = {"invalid_request_error": 400, "service_unavailable": 503}
+_STATUS_OF_TYPE = {"invalid_request_error": 400, "service_unavailable": 503,
+                   "upstream_error": 502, "timeout_error": 504, "rate_limit_error": 429}
 #: Status of a request whose client went away before the answer (nginx's convention).
 CLIENT_CLOSED = 499
 

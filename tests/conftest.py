@@ -23,7 +23,7 @@ import pytest
 
 #: The session platform's fixtures (local_cluster, cluster_env, agent_model), one for every folder.
 pytest_plugins = ["tests.support.platform", "tests.support.features", "tests.support.duration",
-                  "tests.support.terraform"]
+                  "tests.support.terraform", "tests.support.upstream"]
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RAYPLANE_SHARED", REPO.parent / "shared"))

@@ -5,6 +5,8 @@ started and every Serve application on it, probed for real, up, degraded or down
   missing: degraded). ``serve``: ``/-/healthz`` through the Serve port, once Serve runs.
 - ``serve:<app>``, ``agents:<app>``: Ray's own statuses (application, deployments, running
   replicas out of the target); the agents API app also answers ``<route>/ok`` (API key).
+- ``upstream:<model>``: an ``openai-upstream`` model's server as its replica last saw it
+  (raycluster/local/upstream_health.py).
 - The services recorded beside Ray: ``mlflow`` (``/health``), ``postgres`` (the DSN file,
   ``SELECT 1``), ``redis`` (``--ha``: ``AUTH``, ``PING``), ``prometheus`` (``/-/ready``), the
   ``ingress`` (takes connections), others (the ``--ha`` supervisor) while their process runs.
@@ -340,10 +342,10 @@ def _process_note(st: LocalState, name: str) -> str:
     return ""
 
 
-def _serve_task(cluster: LocalCluster, deadline: float) -> tuple[dict, dict[str, Part]]:
-    """Ray's serve details, then the agents API apps' ``/ok`` probes (with the API key), all
-    within ``deadline`` seconds (the dashboard's first Serve call starts a Ray driver in it:
-    1-2 s, so it gets most of them)."""
+def _serve_task(cluster: LocalCluster, deadline: float) -> tuple[dict, dict, list[Part]]:
+    """Ray's serve details, then the agents API apps' ``/ok`` probes (with the API key) and
+    the ``openai-upstream`` models' parts, all within ``deadline`` seconds (the dashboard's
+    first Serve call starts a Ray driver in it: 1-2 s, so it gets most of them)."""
     end = time.monotonic() + deadline
     details = cluster.dashboard.get_json("/api/serve/applications/", deadline - 0.4)
     key = cluster.api_key_path.read_text().strip() if cluster.api_key_path.exists() else ""
@@ -355,7 +357,10 @@ def _serve_task(cluster: LocalCluster, deadline: float) -> tuple[dict, dict[str,
             url = f"{cluster.serve_url}{app['route_prefix'].rstrip('/')}/ok"
             left = min(PROBE_TIMEOUT, end - time.monotonic())
             probes[name] = probe_http(f"agents:{name}", url, headers, max(0.2, left))
-    return details, probes
+    from raycluster.local.upstream_health import upstream_parts
+    upstreams = [Part(**p) for p in upstream_parts(cluster.serve_url, details,
+                                                   end - time.monotonic())]
+    return details, probes, upstreams
 
 
 def recorded_apps(cluster: LocalCluster) -> dict[str, str]:
@@ -410,7 +415,7 @@ def platform_health(cluster: LocalCluster, deadline: float = REPORT_DEADLINE) ->
         ray.reason += _process_note(st, head)
     parts = [ray]
     serve = found["serve"]
-    details, agents_probes = serve if isinstance(serve, tuple) else (serve, {})
+    details, agents_probes, upstreams = serve if isinstance(serve, tuple) else (serve, {}, [])
     healthz = found["healthz"]
     if isinstance(healthz, BaseException):
         healthz = Part("serve", DOWN, f"no answer at {cluster.serve_url}/-/healthz: "
@@ -421,6 +426,7 @@ def platform_health(cluster: LocalCluster, deadline: float = REPORT_DEADLINE) ->
         parts.append(ingress)
     if not isinstance(details, BaseException):
         parts += assess_apps(details, recorded, agents_probes)
+        parts += upstreams
     for name in services:
         part = found[f"service:{name}"]
         if isinstance(part, BaseException):
