@@ -57,7 +57,7 @@ WORKLOADS_WAVE = 7
 #: Kinds the workloads Application syncs; every other rendered kind but Argo CD's own is the
 #: platform's (a new kind lands there: before the add-ons that may need it).
 WORKLOAD_KINDS = ("PodDisruptionBudget", "RayCluster", "RayService", "RayJob", "RayCronJob",
-                  "Service", "Gateway", "PrometheusRule")
+                  "Service", "Gateway", "PrometheusRule", "Deployment", "ServiceMonitor")
 ARGOCD_KINDS = ("AppProject", "Application")
 #: What the autoscaler writes on a RayCluster: each worker group's replicas, and the pods it
 #: picked when scaling down. RayService's worker groups are the starting size of the clusters

@@ -83,7 +83,8 @@ def _model_args(m: ModelSpec) -> dict[str, Any]:
         out["triton"] = {**m.triton.model_dump(mode="json", exclude={"server", "url"}),
                          "url": m.triton_url()}
     if m.upstream is not None:
-        out["upstream"] = {**m.upstream.model_dump(mode="json", exclude={"server", "base_url"}),
+        out["upstream"] = {**m.upstream.model_dump(mode="json",
+                                                   exclude={"server", "base_url", "model_shape"}),
                            "base_url": m.upstream_url()}
     return out
 

@@ -16,7 +16,8 @@ training config or a serve config), ``pods`` (containers, volumes, the head and 
 specs, the submitter pod, Secrets as env variables or files), ``objects`` (the RayCluster,
 RayJob, RayCronJob and RayService objects), ``agents`` (the agents app's RayService) and
 ``serving`` (Redis TLS on the heads, upgrade strategies, Gateways and TLS load balancers) and
-``features`` (the Feast feature store: its yaml, login, materialisation and the TF job).
+``features`` (the Feast feature store: its yaml, login, materialisation and the TF job) and
+``inference_servers`` (the Triton and TGI servers a serve config asks for, beside its RayService).
 """
 
 from raycluster.kuberay.agents import (
@@ -28,6 +29,7 @@ from raycluster.kuberay.agents import (
     render_agents_service,
 )
 from raycluster.kuberay.features import render_feature_store
+from raycluster.kuberay.inference_servers import render_inference_servers, render_scrape_policy
 from raycluster.kuberay.objects import (
     API_VERSION,
     entrypoint_for,
@@ -76,10 +78,12 @@ __all__ = [
     "ray_cluster_spec",
     "render_agents_service",
     "render_feature_store",
+    "render_inference_servers",
     "render_raycluster",
     "render_raycronjob",
     "render_rayjob",
     "render_rayservice",
+    "render_scrape_policy",
     "render_serving",
     "resolve_group",
     "serve_config_yaml",

@@ -135,6 +135,14 @@ def serve_groups(catalog: Catalog, serve_cfg: ServeAppConfig, *,
         mfield = f"{cfield}.models[{j}]"
         pool = catalog.pool(model.pool, f"{mfield}.pool")
         tp = model.tensor_parallel_size
+        if not model.holds_model:
+            # A client of a server outside the replica (an OpenAI upstream; Triton in its own
+            # container or elsewhere) runs beside the ingress, on its pool and share of a
+            # core; ``pool`` is where a server rayplane renders runs (inference_servers).
+            per = max(1, int(ingress_pool.worker.cpus // max(serve_cfg.ingress.cpus, 0.001)))
+            add(ingress_pool, ingress_units, math.ceil(model.autoscaling.min_replicas / per),
+                math.ceil(model.autoscaling.max_replicas / per))
+            continue
         if pool.has_gpu:
             units = max(model.gpu_units, tp)
             if units > pool.gpu_units_per_node:
