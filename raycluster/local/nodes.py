@@ -26,6 +26,7 @@ from raycluster.local.dashboard import NOT_READY, node_summary, wait_for_nodes, 
 from raycluster.local.processes import (
     ManagedProcess,
     free_port,
+    free_ports,
     kill_group,
     stop_sessions,
 )
@@ -58,7 +59,7 @@ def node_env(cluster: LocalCluster, node: NodePlan, st: LocalState) -> dict[str,
         # The folder is named by the node's place in the plan: HAProxy's socket paths
         # (<folder>/<56-char node id>/<name>) must stay within 97 bytes.
         index = [n.pool for n in cluster.node_plan()].index(node.pool)
-        env.update(haproxy_env(cluster.haproxy_dir / f"n{index}", free_port(), free_port()))
+        env.update(haproxy_env(cluster.haproxy_dir / f"n{index}", *free_ports(2)))
     if node.role == "head" and cluster.metrics:
         env["RAY_PROMETHEUS_HOST"] = cluster.prometheus_url
     if st.ha:

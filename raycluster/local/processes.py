@@ -9,6 +9,7 @@ processes found by name, so nothing else on the machine is touched.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -199,9 +200,20 @@ def port_is_free(port: int) -> bool:
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports. The sockets stay bound until all are picked: one
+    closed before the next bind can be handed out again (a node once got the same port for
+    two of its agents and failed to start)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(n):
+            s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+        return ports
 
 
 def log_tail(path: Path, n: int) -> str:
@@ -217,6 +229,7 @@ __all__ = [
     "ManagedProcess",
     "children",
     "free_port",
+    "free_ports",
     "group_alive",
     "is_zombie",
     "kill_group",

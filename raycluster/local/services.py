@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from raycluster.errors import PlatformError
-from raycluster.local.processes import free_port
+from raycluster.local.processes import free_ports
 from raycluster.local.state import NodePlan
 from raycluster.monitoring import write_rule_files
 
@@ -106,9 +106,10 @@ def ray_node_command(node: NodePlan, ports: dict[str, int], temp_dir: Path) -> l
             f"--labels=rayplane.io/pool={node.pool}"]
     # Several nodes share this host: each node's agents get their own free ports (Ray's
     # defaults would collide, leaving a node without a job agent to serve its logs).
-    for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                 "runtime-env-agent-port", "metrics-export-port"):
-        argv.append(f"--{flag}={free_port()}")
+    flags = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+             "runtime-env-agent-port", "metrics-export-port")
+    for flag, port in zip(flags, free_ports(len(flags)), strict=True):
+        argv.append(f"--{flag}={port}")
     if node.role == "head":
         return argv + ["--head", f"--port={ports['gcs']}",
                        "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
