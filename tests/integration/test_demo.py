@@ -1,10 +1,11 @@
-"""`rayplane demo` (what `make demo` runs) on the local platform, with the CI-size training
-config so it fits the suite: a smoke job on every pool, the model trained through `ray job
-submit`, evaluated, registered (candidate) and promoted (champion), served from the registry
-and asked one question, with the endpoint's URL printed; then the agents app deployed and its
-`tools` graph asked the demo's two questions through the LangGraph server API, each run's
-MLflow trace linked. (The CI-size model is too weak to answer them right; the demo model's
-answers are in docs/benchmarks.md.)"""
+"""`rayplane demo` (what `make demo` runs) on the local platform, with a CI-size training
+config so it fits the suite (train/configs/ci-demo.yaml: the CI model, half its steps, no
+gate; test_train_fit.py asserts the CI size passes its gate): a smoke job on every pool, the
+model trained through `ray job submit`, evaluated, registered (candidate) and promoted
+(champion), served from the registry and asked one question, with the endpoint's URL printed;
+then the agents app deployed and its `tools` graph asked the demo's two questions through the
+LangGraph server API, each run's MLflow trace linked. (The CI-size model is too weak to answer
+them right; the demo model's answers are in docs/benchmarks.md.)"""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from train.config import TrainConfig
 
 # About 5 minutes on 2 cores: a training run, a registry round trip and a Serve deploy.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
-CI = TrainConfig.from_file(REPO / "train/configs/ci.yaml")
+TRAIN = "train/configs/ci-demo.yaml"
+CI = TrainConfig.from_file(REPO / TRAIN)
 MODEL = CI.mlflow.registered_model  # the model serve/configs/local.yaml serves
 
 
@@ -27,13 +29,14 @@ def test_demo_trains_registers_promotes_serves_and_chats(local_cluster, cluster_
     env = {**cluster_env, "COLUMNS": "200"}  # rich wraps at 80 columns without a terminal
     try:
         proc = rayplane(env, "demo", "--state-dir", str(local_cluster.state_dir),
-                        "--train", "train/configs/ci.yaml", timeout=1200)
+                        "--train", TRAIN, timeout=1200)
         out = proc.stdout
         assert proc.returncode == 0, out[-4000:] + proc.stderr[-2000:]
         for pool in load_catalog().pools:
             assert f"ok: ran on the {pool.name} node" in out
         assert f"[rank 0] step {CI.steps}/{CI.steps}" in out  # training progress is shown
-        assert re.search(r"held-out exact match [\d.]+% of 100 conversations", out)
+        assert re.search(rf"held-out exact match [\d.]+% of {CI.eval.max_examples} "
+                         "conversations", out)
         version = re.search(rf"registered {MODEL} version (\d+) \(alias candidate\)", out)[1]
         assert f"promoted version {version} to champion" in out
 

@@ -31,7 +31,10 @@ from train.fit import result_from_logs
 from train.loop import TRAIN_STATE, TRAIN_STATE_JSON
 from train.model import load_model_folder
 
-STEPS = 300
+#: A checkpoint every 50 steps (the CI size's is 100): the stop lands after the first one, and
+#: the re-submission trains from there to STEPS, 150 steps of room for the stop to land in.
+CHECKPOINT_EVERY = 50
+STEPS = 200
 
 
 def checkpoints_load(run_dir: Path, keep: int) -> list[int]:
@@ -55,12 +58,15 @@ def test_stopped_run_resubmitted_under_its_name_continues(local_cluster, cluster
                                                           tmp_path):
     name = f"it-resub-{uuid.uuid4().hex[:8]}"
     first = f"{name}-1"
-    # Fewer steps than the CI size and a small evaluation: the stop lands after the first
-    # checkpoint (100) with room to spare, and the outcome is the resume, not the model.
-    args = fit_args(name, tmp_path, "--set", f"steps={STEPS}", "--set", "eval.max_examples=20",
-                    "--set", "eval.min_exact_match=0", "--set", "mlflow.register_on_pass=false")
+    # Fewer steps than the CI size, checkpointed more often, and a small evaluation: the stop
+    # lands after the first checkpoint with room to spare, and the outcome is the resume, not
+    # the model.
+    args = fit_args(name, tmp_path, "--set", f"steps={STEPS}",
+                    "--set", f"checkpoint_every={CHECKPOINT_EVERY}",
+                    "--set", "eval.max_examples=20", "--set", "eval.min_exact_match=0",
+                    "--set", "mlflow.register_on_pass=false")
     submit_no_wait(cluster_env, first, args)
-    wait_for_checkpoint(local_cluster, first, tmp_path / name, 100, timeout=600)
+    wait_for_checkpoint(local_cluster, first, tmp_path / name, CHECKPOINT_EVERY, timeout=600)
     job_request(local_cluster, "POST", f"/api/jobs/{first}/stop")
     assert wait_job(local_cluster, first, timeout=120) == "STOPPED"
     first_logs = job_logs(local_cluster, first)
@@ -74,7 +80,7 @@ def test_stopped_run_resubmitted_under_its_name_continues(local_cluster, cluster
                         proc.stdout)
     assert resumed, tail(proc.stdout)
     step = int(resumed[1])
-    assert step >= 100
+    assert step >= CHECKPOINT_EVERY
     assert f"steps {step + 1}..{STEPS}" in proc.stdout
     outcome = result_from_logs(proc.stdout)
     assert outcome["mlflow_run_id"] == run_id

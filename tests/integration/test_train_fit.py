@@ -66,7 +66,7 @@ def wait_job(cluster, sid: str, timeout: float) -> str:
         status = job_status(cluster, sid)
         if status in ("SUCCEEDED", "FAILED", "STOPPED"):
             return status
-        time.sleep(2)
+        time.sleep(0.5)
     raise AssertionError(f"job {sid} still {status} after {timeout:.0f}s:\n"
                          f"{tail(job_logs(cluster, sid))}")
 

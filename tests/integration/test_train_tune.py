@@ -16,6 +16,9 @@ from tests.integration.test_train_fit import mlflow_client, tail
 from train.config import TrainConfig
 from train.model import MODEL_FILES
 from train.tracking import PARENT_TAG
+from train.tune import SweepConfig
+
+SWEEP = "train/configs/tune-ci.yaml"
 
 
 @pytest.mark.slow
@@ -23,7 +26,7 @@ def test_asha_sweep_stops_trials_early_and_finds_a_better_config(local_cluster, 
                                                                  tmp_path):
     name = f"it-tune-{uuid.uuid4().hex[:8]}"
     proc = ray_job_submit(cluster_env, "python", "-m", "train.tune",
-                          "--config", "train/configs/tune-ci.yaml", "--set", f"name={name}",
+                          "--config", SWEEP, "--set", f"name={name}",
                           "--set-base", f"storage_path={tmp_path}", timeout=1500)
     assert proc.returncode == 0, tail(proc.stdout + proc.stderr, 80)
     line = re.search(r"RAYPLANE_TUNE_RESULT (\{.*\})", proc.stdout)
@@ -31,10 +34,11 @@ def test_asha_sweep_stops_trials_early_and_finds_a_better_config(local_cluster, 
     result = json.loads(line[1])
     summary = json.loads((tmp_path / name / "best" / "sweep.json").read_text())
     trials = summary["trials"]
-    assert len(trials) == result["trials"] == 5
+    sweep = SweepConfig.load(SWEEP)
+    assert len(trials) == result["trials"] == sweep.num_samples
     assert all(t["error"] is None for t in trials), [t["error"] for t in trials]
 
-    full = TrainConfig.load("train/configs/ci.yaml", ["steps=100", "checkpoint_every=20"])
+    full = sweep.base_config()  # the trials' steps: the base config with the sweep's overrides
     stopped = [t for t in trials if t["stopped_early"]]
     assert stopped, "ASHA stopped no trial"
     assert all(t["step"] < full.steps for t in stopped)
@@ -50,7 +54,7 @@ def test_asha_sweep_stops_trials_early_and_finds_a_better_config(local_cluster, 
     children = client.search_runs(
         [client.get_experiment_by_name(best.mlflow.experiment).experiment_id],
         filter_string=f"tags.`{PARENT_TAG}` = '{result['mlflow_run_id']}'")
-    assert len(children) == 5
+    assert len(children) == sweep.num_samples
     assert all("val_loss" in r.data.metrics for r in children)
     assert {r.info.status for r in children if r.data.tags.get("stopped_early") == "True"} \
         == {"KILLED"}

@@ -17,8 +17,8 @@ def test_shipped_sweep_loads_and_resolves_its_base():
     sw = SweepConfig.load(SWEEP)
     assert Path(sw.base) == REPO / "train" / "configs" / "ci.yaml"
     cfg = sw.base_config(["storage_path=/tmp/s"])
-    assert (cfg.steps, cfg.checkpoint_every) == (100, 20)
-    assert report_steps(cfg) == 5
+    assert (cfg.steps, cfg.checkpoint_every) == (60, 20)
+    assert report_steps(cfg) == 3
     assert sw.num_samples >= 4 and sw.points_to_evaluate
 
 
