@@ -42,14 +42,52 @@ def to_serve_config(config: ServeAppConfig, catalog: Catalog) -> dict[str, Any]:
         if m.engine is EngineKind.vllm:
             check_placement(m, pool, f"models[{i}]")
     if config.is_vllm:
-        app = vllm_application(config, catalog)
+        apps = [vllm_application(config, catalog)]
+    elif config.is_mixed_with_vllm:
+        routed, vllm = mixed_with_vllm(config)
+        apps = [cpu_application(routed, catalog, ingress_pool), vllm_application(vllm, catalog)]
     else:
-        app = cpu_application(config, catalog, ingress_pool)
+        apps = [cpu_application(config, catalog, ingress_pool)]
     return {
         "proxy_location": config.http.proxy_location,
         "http_options": {"host": config.http.host, "port": config.http.port},
-        "applications": [app],
+        "applications": apps,
     }
+
+
+def vllm_route(config: ServeAppConfig) -> str:
+    """Route prefix of the vllm models' own application in a mixed config."""
+    return config.route_prefix.rstrip("/") + "/engines/vllm"
+
+
+def mixed_with_vllm(config: ServeAppConfig) -> tuple[ServeAppConfig, ServeAppConfig]:
+    """A mixed config's two applications: vLLM runs behind Ray's own OpenAI ingress
+    (``ray.serve.llm``), so its models get an application of their own (``<name>-vllm``,
+    same keys, its own route), and the router serves each of them as an ``openai-upstream``
+    model calling that application on the Serve proxy of its own node (every node runs one
+    on EKS: ``proxy_location: EveryNode``) with the first of the platform's keys. One
+    endpoint, one model list; the tenants' limits are counted once, at the router."""
+    keys = config.api_keys
+    key = {"env": keys.env} if keys.env else {"file": keys.file}
+    base_url = f"http://127.0.0.1:{config.http.port}{vllm_route(config)}/v1"
+    routed_models = []
+    for m in config.models:
+        if m.engine is EngineKind.vllm:
+            routed_models.append({
+                "name": m.name, "source": m.source, "engine": "openai-upstream",
+                "pool": m.pool, "max_num_seqs": m.max_num_seqs,
+                "upstream": {"base_url": base_url, "model": m.name,
+                             "api_key": {**key, "first": True}}})
+        else:
+            routed_models.append(m.model_dump(mode="json", exclude_none=True))
+    base = config.model_dump(mode="json", exclude_none=True)
+    routed = ServeAppConfig.model_validate({**base, "models": routed_models})
+    vllm = ServeAppConfig.model_validate({
+        **{k: v for k, v in base.items() if k not in ("tenants", "default_limits")},
+        "name": f"{config.name}-vllm", "route_prefix": vllm_route(config),
+        "models": [m.model_dump(mode="json", exclude_none=True)
+                   for m in config.models if m.engine is EngineKind.vllm]})
+    return routed, vllm
 
 
 def app_args(config: ServeAppConfig) -> dict[str, Any]:
@@ -188,4 +226,4 @@ def _actor_resources(pool: Pool, cpus: float, units: float) -> dict[str, Any]:
 
 
 __all__ = ["APP_BUILDERS", "INGRESS_DEPLOYMENT", "app_args", "cpu_application",
-           "to_serve_config", "vllm_application"]
+           "mixed_with_vllm", "to_serve_config", "vllm_application", "vllm_route"]

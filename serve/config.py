@@ -438,13 +438,9 @@ class ServeAppConfig(Spec):
         if len(set(deployments)) != len(deployments):
             raise ValueError("models: two names map to the same deployment name "
                              f"({deployments}); rename one")
-        kinds = {m.engine for m in self.models}
-        if EngineKind.vllm in kinds and len(kinds) > 1:
-            i = next(i for i, m in enumerate(self.models) if m.engine is not EngineKind.vllm)
-            raise ValueError(
-                f"models[{i}].engine: {self.models[i].engine.value!r} beside vllm models; "
-                "vLLM runs behind Ray's own OpenAI ingress: serve it in a config of its own "
-                "and add it here as an openai-upstream model (docs/serving.md)")
+        if self.is_mixed_with_vllm and self.api_keys is None:
+            raise ValueError("api_keys: required beside vllm models in a mixed config (the "
+                             "router calls their application with the first of its keys)")
         if self.ingress.mode is IngressMode.direct:
             if len(self.models) != 1:
                 raise ValueError(f"ingress.mode: 'direct' serves one model and this config has "
@@ -482,7 +478,15 @@ class ServeAppConfig(Spec):
 
     @property
     def is_vllm(self) -> bool:
-        return self.models[0].engine is EngineKind.vllm
+        """Every model is vllm: Ray's own OpenAI application alone."""
+        return all(m.engine is EngineKind.vllm for m in self.models)
+
+    @property
+    def is_mixed_with_vllm(self) -> bool:
+        """vllm models beside others: they run in an application of their own, which the
+        router reaches as an upstream (serve/builder.py ``mixed_with_vllm``)."""
+        kinds = {m.engine for m in self.models}
+        return EngineKind.vllm in kinds and len(kinds) > 1
 
     @property
     def ingress_replicas(self) -> int:

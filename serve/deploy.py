@@ -205,7 +205,8 @@ def deploy(config: ServeAppConfig | str | Path, target: ServeTarget, *,
     at_target(rendered, target)
     serve_client = client(target)
     apply(serve_client, target, merge_applications(serve_client.get_serve_details(), rendered))
-    wait_running(serve_client, config.name, timeout, progress=progress)
+    for app in rendered["applications"]:  # a mixed config with vllm has two
+        wait_running(serve_client, app["name"], timeout, progress=progress)
     wait_routes(target, [config.route_prefix])
     return config, f"{public_url(rendered, target)}{config.route_prefix.rstrip('/')}/v1"
 

@@ -86,6 +86,9 @@ class SecretSource(Spec):
 
     env: str | None = Field(default=None, description="Environment variable holding it.")
     file: str | None = Field(default=None, description="File holding it (absolute path).")
+    first: bool = Field(default=False, description=(
+        "Take the first of several keys (comma-separated in the variable, one per line in the "
+        "file), as the platform's own api_keys hold them."))
 
     @model_validator(mode="after")
     def _one(self) -> SecretSource:

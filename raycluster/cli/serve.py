@@ -146,7 +146,8 @@ def down_cmd(name: str = typer.Argument("openai", help="Application to remove.")
     if name not in (serve_client.get_serve_details().get("applications") or {}):
         console.print(f"{name!r} is not deployed")
         return
-    remove_applications(serve_client, lambda app: app == name, target)
+    # A mixed config's vllm models run in `<name>-vllm` (serve/builder.py mixed_with_vllm).
+    remove_applications(serve_client, lambda app: app in (name, f"{name}-vllm"), target)
     console.print(f"removed {name}")
 
 

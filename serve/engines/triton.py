@@ -122,6 +122,7 @@ class TritonEngine:
             url = self.process.grpc_url
         self.url = url
         self._client = None
+        self._client_loop = None
         self.running = self.finished = self.aborted = self.generated = self.responses = 0
 
     @property
@@ -129,11 +130,17 @@ class TritonEngine:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
     def _grpc(self):
-        # Made on first use, in the replica's event loop (gRPC's aio channel binds to it).
-        if self._client is None:
+        # Made in the event loop that uses it (gRPC's aio channel binds to its loop): the
+        # replica's one loop; a caller with loops of its own (a test's asyncio.run) gets one
+        # per loop.
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client_loop is not loop:
             import tritonclient.grpc.aio as grpcclient
 
             self._client = grpcclient.InferenceServerClient(self.url)
+            self._client_loop = loop
         return self._client
 
     def check(self, prompt_ids: list[int], params: SamplingParams,
@@ -195,7 +202,7 @@ class TritonEngine:
                                   "stream without a finish reason", status=502,
                                   type="service_unavailable", code="triton_error")
         except grpc.aio.AioRpcError as err:
-            logger.warning("triton rpc failed: %s %s", err.code(), err.details())
+            logger.warning("the gRPC stream to Triton failed: %s %s", err.code(), err.details())
             raise _rpc_error(err, self.model_name) from None
         finally:
             self.running -= 1

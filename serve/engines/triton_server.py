@@ -46,6 +46,10 @@ def model_py() -> str:
             "from serve.engines.triton_backend import TritonPythonModel  # noqa: E402,F401\n")
 
 
+#: PATH of the server (see ``TritonProcess.start``).
+SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
 class TritonUnavailable(RuntimeError):
     """The server cannot be started, or stopped answering."""
 
@@ -111,10 +115,28 @@ exit $status
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (all bound until all are picked, so none repeats)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("0.0.0.0", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _node_ip() -> str:
+    """This Ray node's address (127.0.0.1 outside Ray)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - outside a Ray worker: loopback
+        pass
+    return "127.0.0.1"
 
 
 class TritonProcess:
@@ -124,7 +146,10 @@ class TritonProcess:
                  max_model_len: int | None, stream_interval_ms: float, label: str):
         self.model_name, self.label = model_name, label
         self.work = Path(tempfile.mkdtemp(prefix="rayplane-triton-"))
-        self.ports = {"grpc": _free_port(), "http": _free_port(), "metrics": _free_port()}
+        self.ports = dict(zip(("grpc", "http", "metrics"), _free_ports(3), strict=True))
+        # The replica talks to the server on loopback; Prometheus scrapes it at the node's
+        # address (a local node has its own network namespace, as a pod does).
+        self.metrics_host = _node_ip()
         self._write_repository(model_dir, max_num_seqs, max_model_len, stream_interval_ms)
         self.proc: subprocess.Popen | None = None
         self.target_file: Path | None = None
@@ -165,14 +190,19 @@ class TritonProcess:
                 f"--backend-directory={self.work / 'backends'}",
                 "--grpc-address=127.0.0.1", f"--grpc-port={self.ports['grpc']}",
                 "--http-address=127.0.0.1", f"--http-port={self.ports['http']}",
-                "--metrics-address=127.0.0.1", f"--metrics-port={self.ports['metrics']}",
+                f"--metrics-address={self.metrics_host}",
+                f"--metrics-port={self.ports['metrics']}",
                 "--allow-gpu-metrics=false", "--exit-timeout-secs=10",
                 "--log-verbose=0"]
         # A replica that is killed (a node lost, `serve` restarting it) runs no cleanup: the
         # shell around the server stops it when the replica's process is gone, and removes
         # what the replica wrote (its folder, its scrape target).
         self.target_file = self._target_path()
-        env = {**os.environ, "RAYPLANE_TRITON_OWNER": str(os.getpid()),
+        # The stub's embedded Python finds its standard library from the first `python3` on
+        # PATH: in a Ray worker that is this environment's, whose base interpreter is not the
+        # system's libpython the stub links (its extension modules fail to load). The
+        # server's PATH holds the system's directories only.
+        env = {**os.environ, "PATH": SYSTEM_PATH, "RAYPLANE_TRITON_OWNER": str(os.getpid()),
                "RAYPLANE_TRITON_WORK": str(self.work),
                "RAYPLANE_TRITON_TARGET": str(self.target_file or "")}
         log = self.log_path.open("ab")
@@ -188,17 +218,20 @@ class TritonProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise TritonUnavailable(f"tritonserver exited ({self.proc.returncode}) before "
-                                        f"{self.model_name} was ready: {self.log_tail()}")
+                why = (f"tritonserver exited ({self.proc.returncode}) before {self.model_name} "
+                       f"was ready: {self.log_errors()}")
+                self.stop()
+                raise TritonUnavailable(why)
             try:
                 if httpx.get(url, timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
+        why = (f"{self.model_name} not ready on tritonserver within {timeout_s:.0f}s: "
+               f"{self.log_errors()}")
         self.stop()
-        raise TritonUnavailable(f"{self.model_name} not ready on tritonserver within "
-                                f"{timeout_s:.0f}s: {self.log_tail()}")
+        raise TritonUnavailable(why)
 
     def failure(self) -> str | None:
         """Why the server cannot serve (the replica's health check), or None."""
@@ -208,12 +241,16 @@ class TritonProcess:
             return f"tritonserver (pid {self.proc.pid}) exited with {self.proc.returncode}"
         return None
 
-    def log_tail(self, lines: int = 8) -> str:
+    def log_errors(self, limit: int = 600) -> str:
+        """The server's error lines (Triton's ``E`` lines, a crash), for the replica's error:
+        its log folder goes with the replica."""
         try:
-            text = self.log_path.read_text(errors="replace").strip().splitlines()
+            text = self.log_path.read_text(errors="replace").splitlines()
         except OSError:
             return "(no log)"
-        return " | ".join(text[-lines:])
+        errors = [line for line in text if line.startswith("E") or "Signal (" in line
+                  or line.startswith("error:")]
+        return " | ".join(errors or text[-3:])[-limit:]
 
     def _target_path(self) -> Path | None:
         state = os.environ.get("RAYPLANE_STATE_DIR")
@@ -226,8 +263,10 @@ class TritonProcess:
         if self.target_file is None:
             return
         tmp = self.target_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps([{"targets": [f"127.0.0.1:{self.ports['metrics']}"],
-                                    "labels": {"server": "triton", "model": self.label}}]))
+        # `served_model`, not `model`: Triton's series carry a `model` label of their own.
+        tmp.write_text(json.dumps([{"targets": [f"{self.metrics_host}:{self.ports['metrics']}"],
+                                    "labels": {"server": "triton",
+                                               "served_model": self.label}}]))
         tmp.rename(self.target_file)  # Prometheus never reads half a file
 
     def stop(self) -> None:

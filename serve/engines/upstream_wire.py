@@ -32,6 +32,8 @@ class KeySource:
     def __init__(self, source: dict | None):
         self.env = (source or {}).get("env")
         self.file = (source or {}).get("file")
+        # The first of several keys (the platform's own api_keys, a mixed config's vLLM app).
+        self.first = bool((source or {}).get("first"))
         self._cached: tuple[int, str] | None = None
 
     @property
@@ -54,6 +56,10 @@ class KeySource:
             except OSError as err:
                 raise ValueError(f"the upstream's key: cannot read {self.where} "
                                  f"({type(err).__name__})") from None
+        if self.first and value:  # as serve/auth.py reads them: comma-separated or lines
+            keys = [k.strip() for k in value.replace(",", "\n").splitlines()
+                    if k.strip() and not k.strip().startswith("#")]
+            value = keys[0] if keys else ""
         if not value:
             raise ValueError(f"the upstream's key: {self.where} is unset or empty on this node")
         return value

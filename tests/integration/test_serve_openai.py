@@ -1,11 +1,23 @@
 """The OpenAI API of the deployed Serve app, through the official openai client (sync, async,
-streaming) and LangChain, against the local platform (real Ray nodes, MLflow, HTTP).
+streaming) and LangChain, against the local platform (real Ray nodes, MLflow, HTTP): the
+conformance suite every engine runs.
 
 The model is a tiny GPT-2 in the platform's format, trained to reproduce a few conversations
 (tests/support/tiny_model.py), registered in the fixture's MLflow server as ``runs:/<run_id>/model`` and
-deployed with ``rayplane serve up`` from ``models:/NAME@champion``. It attaches online features
-(serve/online_features.py): a request whose ``metadata`` names a pool gets the pool's load from
-the platform's feature store (``feature_store_ready``) as a system message.
+deployed with ``rayplane serve up`` from ``models:/NAME@champion``. Each test runs against:
+
+- ``router``: the cpu model of a mixed app, one ingress in front of three engines (``cpu``,
+  ``triton``, ``openai-upstream``). It attaches online features (serve/online_features.py): a
+  request whose ``metadata`` names a pool gets the pool's load from the platform's feature
+  store (``feature_store_ready``) as a system message;
+- ``direct``: the cpu model answering HTTP in its own replica (an app of its own);
+- ``triton``: the same weights served by a Triton server the replica started (nvidia-pytriton's
+  ``tritonserver``, Python backend over the CPU engine, KServe v2 gRPC), in the mixed app;
+- ``upstream``: the same weights served by Hugging Face's ``transformers serve``
+  (tests/support/upstream.py), proxied by the mixed app.
+
+A case the server behind an engine cannot pass is skipped with that server's limitation named
+(``limitation``).
 """
 
 from __future__ import annotations
@@ -22,47 +34,104 @@ from openai import AsyncOpenAI, OpenAI
 
 from tests.integration.conftest import rayplane
 from tests.support import tiny_model as tm
+from tests.support.openai_suite import limitation, once
+from tests.support.procs import listening, pids_with
+from tests.support.upstream import free_port
 
 MODEL = "tiny-chat"
+#: The mixed app's models by the engine that serves them.
+MODELS = {"cpu": MODEL, "triton": "tiny-chat-triton", "openai-upstream": "tiny-chat-upstream"}
+#: An upstream model of the mixed app whose server is down (a port nothing listens on).
+DOWN = "tiny-chat-down"
 REGISTERED = "serve-openai-tiny"
-APP = "openai-tests"
-PREFIX = "/openai-tests"
+APPS = {"router": ("openai-tests", "/openai-tests"),
+        "direct": ("openai-tests-direct", "/openai-tests-direct")}
 pytestmark = pytest.mark.timeout(900)
 #: What the served model attaches to a request whose metadata names a pool.
 POOL = "h100-timeslice"
 LOAD = ("running_units", "pending_units", "free_units", "gpu_utilization", "mean_wait_1h_s")
 ONLINE_FEATURES = [f"pool_load:{name}" for name in LOAD]
-
-
 @pytest.fixture(scope="module")
 def model_dir() -> Path:
     return tm.cached_tiny_model("1")
 
 
-@pytest.fixture(scope="module", params=["router", "direct"])
-def deployed(request, local_cluster, cluster_env, model_dir, tmp_path_factory,
-             feature_store_ready):
-    """The app in each ingress mode (pytest runs every test against one, then the other):
-    behind the router deployment, and answering HTTP in the model's replica itself; its model
-    attaches the pool's load (ONLINE_FEATURES) when a request's metadata names a pool."""
+@pytest.fixture(scope="module")
+def registered(local_cluster, model_dir) -> str:
+    return tm.register_model(model_dir, REGISTERED, tracking_uri=local_cluster.mlflow_uri)
+
+
+def _serve_up(cluster_env, tmp_path_factory, local_cluster, config: dict) -> str:
     import yaml
 
-    version = tm.register_model(model_dir, REGISTERED, tracking_uri=local_cluster.mlflow_uri)
-    config = yaml.safe_load(tm.serve_config_yaml(
-        name=APP, source=f"models:/{REGISTERED}@champion", pool="a100-mig", route_prefix=PREFIX,
-        api_key_file=local_cluster.api_key_path, ingress_mode=request.param))
-    config["models"][0]["online_features"] = {
-        "features": ONLINE_FEATURES, "entity": {"join_key": "pool", "from_metadata": "pool"},
-        "timeout_ms": 2000}
     cfg = tmp_path_factory.mktemp("serve") / "serve.yaml"
     cfg.write_text(yaml.safe_dump(config, sort_keys=False))
     out = rayplane(cluster_env, "serve", "up", str(cfg))
     assert out.returncode == 0, out.stderr + out.stdout
-    base_url = f"{local_cluster.serve_url}{PREFIX}/v1"
+    base_url = f"{local_cluster.serve_url}{config['route_prefix']}/v1"
     assert base_url in out.stdout  # the endpoint is printed
-    yield {"base_url": base_url, "key": local_cluster.api_key_path.read_text().strip(),
-           "version": version, "health": f"{local_cluster.serve_url}{PREFIX}/healthz"}
-    rayplane(cluster_env, "serve", "down", APP, timeout=120)
+    return base_url
+
+
+@pytest.fixture(scope="module")
+def mixed_app(local_cluster, cluster_env, registered, tmp_path_factory, feature_store_ready,
+              upstream_server):
+    """One app, one ingress, three engines: the cpu model (with online features), the same
+    registered weights on a Triton server, and transformers serve as an OpenAI upstream."""
+    import yaml
+
+    name, prefix = APPS["router"]
+    config = yaml.safe_load(tm.serve_config_yaml(
+        name=name, source=f"models:/{REGISTERED}@champion", pool="a100-mig",
+        route_prefix=prefix, api_key_file=local_cluster.api_key_path))
+    cpu = config["models"][0]
+    cpu["online_features"] = {
+        "features": ONLINE_FEATURES, "entity": {"join_key": "pool", "from_metadata": "pool"},
+        "timeout_ms": 2000}
+    config["models"] += [
+        {"name": MODELS["triton"], "source": cpu["source"], "pool": "h100-timeslice",
+         "engine": "triton", "max_num_seqs": 16, "triton": {"server": "process"}},
+        {"name": MODELS["openai-upstream"], "source": upstream_server["model"],
+         "engine": "openai-upstream",
+         "upstream": {"base_url": upstream_server["base_url"],
+                      "model": upstream_server["model"], "read_timeout_s": 60}},
+        {"name": DOWN, "source": upstream_server["model"], "engine": "openai-upstream",
+         "upstream": {"base_url": f"http://127.0.0.1:{free_port()}/v1",
+                      "connect_timeout_s": 2, "retries": 1}}]
+    base_url = _serve_up(cluster_env, tmp_path_factory, local_cluster, config)
+    yield {"base_url": base_url, "health": f"{local_cluster.serve_url}{prefix}/healthz"}
+    rayplane(cluster_env, "serve", "down", name, timeout=120)
+
+
+@pytest.fixture(scope="module", params=["direct", "router", "triton", "upstream"])
+def deployed(request, local_cluster, cluster_env, registered, tmp_path_factory):
+    """The app each test runs against (pytest runs every test against one, then the next):
+    ``model`` is what to ask for, ``engine`` what serves it."""
+    key = local_cluster.api_key_path.read_text().strip()
+    version = registered
+    if request.param == "direct":
+        import yaml
+
+        name, prefix = APPS["direct"]
+        config = yaml.safe_load(tm.serve_config_yaml(
+            name=name, source=f"models:/{REGISTERED}@champion", pool="a100-mig",
+            route_prefix=prefix, api_key_file=local_cluster.api_key_path,
+            ingress_mode="direct"))
+        base_url = _serve_up(cluster_env, tmp_path_factory, local_cluster, config)
+        yield {"base_url": base_url, "key": key, "version": version, "param": "direct",
+               "engine": "cpu", "model": MODEL,
+               "health": f"{local_cluster.serve_url}{prefix}/healthz"}
+        rayplane(cluster_env, "serve", "down", name, timeout=120)
+        return
+    app = request.getfixturevalue("mixed_app")
+    engine = {"router": "cpu", "triton": "triton", "upstream": "openai-upstream"}[request.param]
+    yield {**app, "key": key, "version": version, "param": request.param, "engine": engine,
+           "model": MODELS[engine]}
+
+
+@pytest.fixture(scope="module")
+def model(deployed) -> str:
+    return deployed["model"]
 
 
 @pytest.fixture(scope="module")
@@ -82,15 +151,21 @@ def chat_prompt_len(tokenizer, messages, tools=None) -> int:
                                              tokenize=True, return_dict=False))
 
 
-def test_models_lists_the_registered_version(client, deployed):
-    models = client.models.list().data
-    assert [m.id for m in models] == [MODEL]
-    # The alias was resolved at deploy time: the app names the exact registry version.
-    assert models[0].model_extra["root"] == f"models:/{REGISTERED}/{deployed['version']}"
+def test_models_lists_the_registered_version(model, client, deployed):
+    cards = {m.id: m.model_extra for m in client.models.list().data}
+    if deployed["param"] == "direct":
+        assert list(cards) == [model]
+    else:  # one ingress, three engines: each model listed with what serves it
+        assert {name: card["engine"] for name, card in cards.items()} == \
+            {**{name: engine for engine, name in MODELS.items()}, DOWN: "openai-upstream"}
+    assert cards[model]["engine"] == deployed["engine"]
+    if deployed["engine"] != "openai-upstream":
+        # The alias was resolved at deploy time: the app names the exact registry version.
+        assert cards[model]["root"] == f"models:/{REGISTERED}/{deployed['version']}"
 
 
-def test_stream_joins_to_non_stream_text_with_exact_usage(client, tokenizer):
-    full = client.chat.completions.create(model=MODEL, messages=tm.GREETING, temperature=0,
+def test_stream_joins_to_non_stream_text_with_exact_usage(model, client, tokenizer):
+    full = client.chat.completions.create(model=model, messages=tm.GREETING, temperature=0,
                                           max_tokens=60)
     text = full.choices[0].message.content
     assert text == tm.GREETING_REPLY
@@ -102,7 +177,7 @@ def test_stream_joins_to_non_stream_text_with_exact_usage(client, tokenizer):
         == (prompt, completion, prompt + completion)
 
     chunks = list(client.chat.completions.create(
-        model=MODEL, messages=tm.GREETING, temperature=0, max_tokens=60, stream=True,
+        model=model, messages=tm.GREETING, temperature=0, max_tokens=60, stream=True,
         stream_options={"include_usage": True}))
     with_choices = [c for c in chunks if c.choices]
     assert "".join(c.choices[0].delta.content or "" for c in with_choices) == text
@@ -115,23 +190,25 @@ def test_stream_joins_to_non_stream_text_with_exact_usage(client, tokenizer):
     assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
 
 
-def test_max_tokens_gives_length_and_counts_exactly(client):
-    r = client.chat.completions.create(model=MODEL, messages=tm.GREETING, temperature=0,
+def test_max_tokens_gives_length_and_counts_exactly(model, client):
+    r = client.chat.completions.create(model=model, messages=tm.GREETING, temperature=0,
                                        max_tokens=5)
     assert r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == 5
     assert tm.GREETING_REPLY.startswith(r.choices[0].message.content)
 
 
-def test_stop_sequence_cuts_before_it(client):
-    r = client.chat.completions.create(model=MODEL, messages=tm.GREETING, temperature=0,
+def test_stop_sequence_cuts_before_it(model, client, deployed):
+    limitation(deployed, "stop")
+    r = client.chat.completions.create(model=model, messages=tm.GREETING, temperature=0,
                                        max_tokens=60, stop=["help"])
     assert r.choices[0].message.content == tm.GREETING_REPLY.split("help")[0]
     assert r.choices[0].finish_reason == "stop"
 
 
-def test_n_choices_with_seed_are_reproducible(client):
-    kw = {"model": MODEL, "messages": tm.GREETING, "temperature": 1.0, "top_p": 0.95,
+def test_n_choices_with_seed_are_reproducible(model, client, deployed):
+    limitation(deployed, "n")
+    kw = {"model": model, "messages": tm.GREETING, "temperature": 1.0, "top_p": 0.95,
           "max_tokens": 12, "n": 3, "seed": 7, "extra_body": {"ignore_eos": True}}
     a = client.chat.completions.create(**kw)
     b = client.chat.completions.create(**kw)
@@ -142,15 +219,15 @@ def test_n_choices_with_seed_are_reproducible(client):
     assert a.usage.prompt_tokens == b.usage.prompt_tokens < a.usage.completion_tokens
 
 
-def test_async_clients_concurrently_get_the_same_greedy_answer(deployed):
+def test_async_clients_concurrently_get_the_same_greedy_answer(model, deployed):
     async def main():
         client = AsyncOpenAI(base_url=deployed["base_url"], api_key=deployed["key"], timeout=60)
         rs = await asyncio.gather(*[
-            client.chat.completions.create(model=MODEL, messages=m, temperature=0,
+            client.chat.completions.create(model=model, messages=m, temperature=0,
                                            max_tokens=60)
             for m in [tm.GREETING, tm.VERSION_QUESTION] * 4])
         streamed = []
-        stream = await client.chat.completions.create(model=MODEL, messages=tm.GREETING,
+        stream = await client.chat.completions.create(model=model, messages=tm.GREETING,
                                                       temperature=0, stream=True)
         async for chunk in stream:
             streamed.append(chunk.choices[0].delta.content or "")
@@ -163,8 +240,9 @@ def test_async_clients_concurrently_get_the_same_greedy_answer(deployed):
     assert streamed == tm.GREETING_REPLY
 
 
-def test_tool_call_comes_back_as_tool_calls(client):
-    r = client.chat.completions.create(model=MODEL, messages=tm.TOOL_QUESTION, tools=tm.TOOLS,
+def test_tool_call_comes_back_as_tool_calls(model, client, deployed):
+    limitation(deployed, "tools")
+    r = client.chat.completions.create(model=model, messages=tm.TOOL_QUESTION, tools=tm.TOOLS,
                                        temperature=0, max_tokens=60)
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls"
@@ -174,7 +252,7 @@ def test_tool_call_comes_back_as_tool_calls(client):
     assert not choice.message.content
 
     # Streamed: the markup never leaks into content; the call arrives whole.
-    chunks = list(client.chat.completions.create(model=MODEL, messages=tm.TOOL_QUESTION,
+    chunks = list(client.chat.completions.create(model=model, messages=tm.TOOL_QUESTION,
                                                  tools=tm.TOOLS, temperature=0, stream=True))
     content = "".join(c.choices[0].delta.content or "" for c in chunks)
     calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
@@ -187,29 +265,31 @@ def test_tool_call_comes_back_as_tool_calls(client):
     follow = tm.TOOL_QUESTION + [
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"result": 84})}]
-    r2 = client.chat.completions.create(model=MODEL, messages=follow, tools=tm.TOOLS,
+    r2 = client.chat.completions.create(model=model, messages=follow, tools=tm.TOOLS,
                                         temperature=0, max_tokens=60)
     assert r2.choices[0].message.content == tm.TOOL_ANSWER
 
 
-def test_named_tool_choice_forces_that_tool(client):
+def test_named_tool_choice_forces_that_tool(model, client, deployed):
+    limitation(deployed, "tools")
     r = client.chat.completions.create(
-        model=MODEL, messages=tm.TOOL_QUESTION, tools=tm.TOOLS, temperature=0, max_tokens=60,
+        model=model, messages=tm.TOOL_QUESTION, tools=tm.TOOLS, temperature=0, max_tokens=60,
         tool_choice={"type": "function", "function": {"name": "calculator"}})
     (call,) = r.choices[0].message.tool_calls
     assert call.function.name == "calculator"
     assert isinstance(json.loads(call.function.arguments), dict)
 
 
-def test_text_completions_stream_and_not(client):
-    r = client.completions.create(model=MODEL, prompt=tm.COMPLETION_PROMPT, temperature=0,
+def test_text_completions_stream_and_not(model, client, deployed):
+    r = client.completions.create(model=model, prompt=tm.COMPLETION_PROMPT, temperature=0,
                                   max_tokens=40)
     assert r.choices[0].text == tm.COMPLETION_TEXT
     assert r.choices[0].finish_reason == "stop"
-    chunks = list(client.completions.create(model=MODEL, prompt=tm.COMPLETION_PROMPT,
+    chunks = list(client.completions.create(model=model, prompt=tm.COMPLETION_PROMPT,
                                             temperature=0, max_tokens=40, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
-    echo = client.completions.create(model=MODEL, prompt=tm.COMPLETION_PROMPT, temperature=0,
+    limitation(deployed, "echo")
+    echo = client.completions.create(model=model, prompt=tm.COMPLETION_PROMPT, temperature=0,
                                      max_tokens=40, echo=True)
     assert echo.choices[0].text == tm.COMPLETION_PROMPT + tm.COMPLETION_TEXT
 
@@ -223,35 +303,38 @@ def test_text_completions_stream_and_not(client):
     ({"tool_choice": {"type": "function", "function": {"name": "nope"}}, "tools": tm.TOOLS},
      None),
 ])
-def test_bad_request_is_400_and_server_keeps_serving(client, kwargs, param):
-    request = {"model": MODEL, "messages": tm.GREETING, **kwargs}
+def test_bad_request_is_400_and_server_keeps_serving(model, client, kwargs, param, deployed):
+    if param in ("max_tokens", "messages"):
+        limitation(deployed, "context")
+    request = {"model": model, "messages": tm.GREETING, **kwargs}
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(**request)
     body = err.value.body
     assert body["type"] == "invalid_request_error" and body["message"]
     if param:
         assert body["param"].startswith(param)
-    ok = client.chat.completions.create(model=MODEL, messages=tm.GREETING, temperature=0,
+    ok = client.chat.completions.create(model=model, messages=tm.GREETING, temperature=0,
                                         max_tokens=3)
     assert ok.choices[0].message.content
 
 
-def test_malformed_json_and_unknown_fields(deployed):
+def test_malformed_json_and_unknown_fields(model, deployed):
     headers = {"Authorization": f"Bearer {deployed['key']}"}
     r = httpx.post(f"{deployed['base_url']}/chat/completions", content=b"{not json",
                    headers=headers | {"Content-Type": "application/json"}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    limitation(deployed, "unknown_fields")
     # Fields the server does not know are accepted (and logged), as OpenAI clients send them.
     r = httpx.post(f"{deployed['base_url']}/chat/completions", headers=headers, timeout=30,
-                   json={"model": MODEL, "messages": tm.GREETING, "max_tokens": 3,
+                   json={"model": model, "messages": tm.GREETING, "max_tokens": 3,
                          "temperature": 0, "metadata": {"a": "b"}, "some_new_flag": True})
     assert r.status_code == 200, r.text
 
 
-def test_wrong_or_missing_key_is_401(deployed):
+def test_wrong_or_missing_key_is_401(model, deployed):
     bad = OpenAI(base_url=deployed["base_url"], api_key="rp-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
-        bad.chat.completions.create(model=MODEL, messages=tm.GREETING)
+        bad.chat.completions.create(model=model, messages=tm.GREETING)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
     r = httpx.get(f"{deployed['base_url']}/models", timeout=30)
@@ -264,37 +347,40 @@ def test_unknown_model_is_404(client):
     assert err.value.body["code"] == "model_not_found"
 
 
-def test_langchain_chat_openai(deployed):
+def test_langchain_chat_openai(model, deployed):
     from langchain_core.messages import HumanMessage, SystemMessage
     from langchain_openai import ChatOpenAI
 
-    llm = ChatOpenAI(model=MODEL, base_url=deployed["base_url"], api_key=deployed["key"],
+    llm = ChatOpenAI(model=model, base_url=deployed["base_url"], api_key=deployed["key"],
                      temperature=0, max_tokens=60)
     reply = llm.invoke([SystemMessage(tm.GREETING[0]["content"]),
                         HumanMessage(tm.GREETING[1]["content"])])
     assert reply.content == tm.GREETING_REPLY
     assert reply.usage_metadata["output_tokens"] > 0
+    streamed = "".join(c.content for c in llm.stream(
+        [SystemMessage(tm.GREETING[0]["content"]), HumanMessage(tm.GREETING[1]["content"])]))
+    assert streamed == tm.GREETING_REPLY
+    limitation(deployed, "tools")
     with_tools = llm.bind_tools(tm.TOOLS)
     msg = with_tools.invoke([HumanMessage(tm.TOOL_QUESTION[0]["content"])])
     assert msg.tool_calls[0]["name"] == "calculator"
     assert msg.tool_calls[0]["args"] == tm.TOOL_CALL["arguments"]
-    streamed = "".join(c.content for c in llm.stream(
-        [SystemMessage(tm.GREETING[0]["content"]), HumanMessage(tm.GREETING[1]["content"])]))
-    assert streamed == tm.GREETING_REPLY
 
 
-def test_client_disconnect_frees_the_engine_slot(deployed):
+def test_client_disconnect_frees_the_engine_slot(model, deployed):
     """A client that goes away mid-stream, on a busy replica: its sequence leaves the batch
     (``aborted``) instead of generating to the end for nobody. The other clients keep the
     engine's steps slow enough that the tiny model cannot finish first."""
     from concurrent.futures import ThreadPoolExecutor
 
+    limitation(deployed, "counters")
+
     def health():
-        return httpx.get(deployed["health"], timeout=30).json()["models"][MODEL]
+        return httpx.get(deployed["health"], timeout=30).json()["models"][model]
 
     before = health()["aborted"]
     headers = {"Authorization": f"Bearer {deployed['key']}"}
-    body = {"model": MODEL, "messages": tm.GREETING, "stream": True, "ignore_eos": True,
+    body = {"model": model, "messages": tm.GREETING, "stream": True, "ignore_eos": True,
             "temperature": 0}  # no max_tokens: the rest of the context
 
     def stay() -> int:
@@ -322,9 +408,10 @@ def test_client_disconnect_frees_the_engine_slot(deployed):
     assert h["aborted"] > before and h["running"] == 0, h
 
 
-def test_metrics_reach_prometheus(local_cluster, client):
+def test_metrics_reach_prometheus(model, local_cluster, client, deployed):
     """Ray's metrics agents export our series in Prometheus format on every node."""
-    client.chat.completions.create(model=MODEL, messages=tm.GREETING, temperature=0,
+    once(deployed, "Ray's metrics export")
+    client.chat.completions.create(model=model, messages=tm.GREETING, temperature=0,
                                    max_tokens=5)
     nodes = httpx.get(f"{local_cluster.dashboard_url}/nodes?view=summary",
                       headers=local_cluster.auth_headers(), timeout=30).json()
@@ -342,7 +429,7 @@ def test_metrics_reach_prometheus(local_cluster, client):
             except httpx.HTTPError:
                 continue
             for line in text.splitlines():
-                if line.startswith("ray_") and f'model="{MODEL}"' in line or \
+                if line.startswith("ray_") and f'model="{model}"' in line or \
                         line.startswith("ray_serve_num_http_requests"):
                     seen.add(line.split("{")[0].removesuffix("_total").removesuffix("_bucket")
                              .removesuffix("_count").removesuffix("_sum"))
@@ -350,35 +437,10 @@ def test_metrics_reach_prometheus(local_cluster, client):
     assert wanted <= seen, f"missing {wanted - seen}"
 
 
-def _listening(pid: int) -> set[tuple[str, int]]:
-    """(address, port) of the TCP sockets ``pid`` listens on, from /proc."""
-    import ipaddress
-    import os
-
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    out = set()
-    for table in ("tcp", "tcp6"):
-        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
-            f = line.split()
-            if f[3] == "0A" and f[9] in inodes:  # 0A: LISTEN
-                addr, port = f[1].split(":")
-                raw = bytes.fromhex(addr)
-                # /proc prints each 32-bit word of the address in host (little-endian) order
-                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-                out.add((str(ipaddress.ip_address(raw)), int(port, 16)))
-    return out
-
-
-def test_ingress_is_haproxy_listening_on_loopback_only(local_cluster, client):
+def test_ingress_is_haproxy_listening_on_loopback_only(local_cluster, client, deployed):
     """The local platform's Serve ingress is HAProxy (Ray Serve's own mode), and everything
     it listens on -- the endpoint, its stats page, its Prometheus exporter -- is loopback."""
+    once(deployed, "the ingress")
     assert client.models.list().data
     procs = []
     for entry in Path("/proc").iterdir():
@@ -391,20 +453,21 @@ def test_ingress_is_haproxy_listening_on_loopback_only(local_cluster, client):
                     str(local_cluster.haproxy_dir).encode() in arg for arg in cmdline):
                 procs.append(int(entry.name))
     assert procs, f"no HAProxy running with its files in {local_cluster.haproxy_dir}"
-    sockets = set().union(*(_listening(pid) for pid in procs))
+    sockets = set().union(*(listening(pid) for pid in procs))
     assert ("127.0.0.1", local_cluster.ports["serve"]) in sockets, sockets
     assert len(sockets) >= 3, f"endpoint, stats and metrics expected: {sockets}"
     assert {addr for addr, _ in sockets} == {"127.0.0.1"}, sockets
 
 
-def test_a_request_naming_the_pool_gets_its_online_features(client, tokenizer, cluster_env,
-                                                            monkeypatch):
+def test_a_request_naming_the_pool_gets_its_online_features(model, client, tokenizer, cluster_env,
+                                                            monkeypatch, deployed):
+    once(deployed, "online features (the cpu model's)")
     from features.store import feature_store
     from serve.online_features import HEADER, system_text
 
     def ask(**extra):
         raw = client.chat.completions.with_raw_response.create(
-            model=MODEL, messages=tm.GREETING, temperature=0, max_tokens=2, **extra)
+            model=model, messages=tm.GREETING, temperature=0, max_tokens=2, **extra)
         return raw.headers.get(HEADER), raw.parse()
 
     # The store's values for the pool now, read with Feast directly as the replicas read them.
@@ -422,3 +485,80 @@ def test_a_request_naming_the_pool_gets_its_online_features(client, tokenizer, c
                 *tm.GREETING[1:]]
     assert with_features.usage.prompt_tokens == chat_prompt_len(tokenizer, messages)
     assert with_features.usage.prompt_tokens > plain.usage.prompt_tokens
+
+
+def test_tritons_own_metrics_reach_the_platforms_prometheus(model, client, deployed,
+                                                          local_cluster):
+    """Triton's own series (requests per model, queue time) in the platform's Prometheus,
+    scraped through the target file the replica left (job inference-servers)."""
+    if deployed["engine"] != "triton":
+        pytest.skip("the Triton server's own metrics")
+    client.chat.completions.create(model=model, messages=tm.GREETING, max_tokens=2)
+    query = 'sum(nv_inference_request_success{job="inference-servers",model="llm",server="triton"})'
+    deadline, value = time.monotonic() + 60, 0.0
+    while time.monotonic() < deadline and value < 1:
+        r = httpx.get(f"{local_cluster.prometheus_url}/api/v1/query", params={"query": query},
+                      timeout=10).json()["data"]["result"]
+        value = float(r[0]["value"][1]) if r else 0.0
+        time.sleep(2)
+    assert value >= 1, f"{query} = {value}"
+
+
+def test_a_killed_triton_server_is_restarted_and_requests_resume(model, deployed, record_property):
+    """SIGKILL the Triton server under the model's replica: requests meanwhile fail fast with
+    a retryable 503 (counted), the replica's health check fails, Serve replaces the replica,
+    which starts a new server, and requests succeed again."""
+    if deployed["engine"] != "triton":
+        pytest.skip("the Triton engine's own fault")
+    import os
+    import signal
+
+    client = OpenAI(base_url=deployed["base_url"], api_key=deployed["key"], timeout=30,
+                    max_retries=0)
+    ask = {"model": model, "messages": tm.GREETING, "temperature": 0, "max_tokens": 3}
+    assert client.chat.completions.create(**ask).choices[0].message.content
+    (old,) = pids_with("--model-repository=", exe="tritonserver")
+    os.kill(old, signal.SIGKILL)
+    failures, statuses, started = 0, set(), time.monotonic()
+    while time.monotonic() - started < 180:
+        try:
+            client.chat.completions.create(**ask)
+            if pids_with("--model-repository=", exe="tritonserver") not in ([], [old]):
+                break
+        except openai.APIStatusError as err:
+            failures += 1
+            statuses.add(err.status_code)
+        time.sleep(0.5)
+    recovered_s = time.monotonic() - started
+    record_property("failed_requests", failures)
+    record_property("recovered_s", round(recovered_s, 1))
+    print(f"triton killed: {failures} requests failed ({sorted(statuses)}), "
+          f"served again after {recovered_s:.1f}s")
+    new = pids_with("--model-repository=", exe="tritonserver")
+    assert new and old not in new, "no new Triton server"
+    assert statuses <= {503}, f"failures were {statuses}, not the retryable 503"
+    for _ in range(4):  # served again, answer for answer
+        r = client.chat.completions.create(model=model, messages=tm.GREETING, temperature=0,
+                                           max_tokens=60)
+        assert r.choices[0].message.content == tm.GREETING_REPLY
+
+
+def test_an_upstream_that_is_down_is_a_bounded_error_naming_it(model, deployed):
+    """An upstream nobody answers at: 502 or 503 naming it (its host, never its key), well
+    within connect_timeout_s x (retries + 1), on the stream too."""
+    if deployed["engine"] != "openai-upstream":
+        pytest.skip("the upstream engine's own fault")
+    client = OpenAI(base_url=deployed["base_url"], api_key=deployed["key"], timeout=30,
+                    max_retries=0)
+    for stream in (False, True):
+        started = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as err:
+            out = client.chat.completions.create(model=DOWN, messages=tm.GREETING,
+                                                 max_tokens=3, stream=stream)
+            list(out) if stream else None
+        assert time.monotonic() - started < 10
+        assert err.value.status_code in (502, 503), err.value
+        assert "127.0.0.1" in err.value.message, err.value.message
+    ok = client.chat.completions.create(model=model, messages=tm.GREETING,
+                                        temperature=0, max_tokens=3)
+    assert ok.choices[0].message.content  # its neighbours keep serving

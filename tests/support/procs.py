@@ -31,14 +31,17 @@ def listening(pid: int) -> set[tuple[str, int]]:
     return out
 
 
-def pids_with(*markers: str) -> list[int]:
-    """Processes whose command line holds every one of ``markers``."""
+def pids_with(*markers: str, exe: str | None = None) -> list[int]:
+    """Processes whose command line holds every one of ``markers`` (and whose executable is
+    named ``exe``: a shell that runs a program has the program's arguments too)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if exe is not None and (entry / "exe").resolve().name != exe:
+                continue
         except OSError:
             continue
         if all(m in cmdline for m in markers):

@@ -115,8 +115,6 @@ def test_vllm_app_uses_ray_serve_llm_with_pool_knowledge(doc):
     (lambda d: d.pop("api_keys"), "api_keys: required"),
     (lambda d: d.update(api_keys={}), "api_keys: name an env variable or a file"),
     (lambda d: d["models"].append(dict(d["models"][0])), "models[1].name: 'chat' is also"),
-    (lambda d: d["models"].append({**d["models"][0], "name": "b", "engine": "vllm"}),
-     "models[0].engine: 'cpu' beside vllm models; vLLM runs behind Ray's own OpenAI ingress"),
     (lambda d: d["models"][0].update(engine="openai-upstream"),
      "models[0].upstream: required with engine 'openai-upstream'"),
     (lambda d: d["models"][0].update(engine="openai-upstream", upstream={"model": "x"}),
@@ -218,10 +216,47 @@ def test_one_ingress_mixes_cpu_triton_and_upstream_models(doc):
                                              "url": None}  # the replica starts its own
     assert args["chat-triton-eks"]["triton"]["url"] == "triton-chat-triton-eks:8001"
     assert args["hosted"]["upstream"]["base_url"] == "https://llm.example.com/v1"
-    assert args["hosted"]["upstream"]["api_key"] == {"env": "HOSTED_KEY", "file": None}
+    assert args["hosted"]["upstream"]["api_key"] == {"env": "HOSTED_KEY", "file": None,
+                                                     "first": False}
     assert args["tgi"]["upstream"]["base_url"] == "http://tgi-tgi:80/v1"
     resources = {d["name"]: d["ray_actor_options"]["resources"] for d in app["deployments"]}
     assert resources["model-chat"] == {"pool:a100-mig": 1.0}
     assert resources["model-chat-triton"] == {"pool:h100-timeslice": 1.0}
     for client in ("model-chat-triton-eks", "model-hosted", "model-tgi"):
         assert resources[client] == resources["OpenAIIngress"], client
+
+
+def test_vllm_models_beside_others_get_their_own_app_behind_the_same_endpoint(doc):
+    """A mixed spec with vllm: vLLM keeps Ray's own ingress in an application of its own,
+    and the router lists and serves its model as an upstream of that application, called with
+    the first of the platform's keys."""
+    doc["models"].append({"name": "llama", "source": "s3://models/llama", "engine": "vllm",
+                          "pool": "a100-mig"})
+    rendered = to_serve_config(ServeAppConfig.parse(doc), load_catalog())
+    ServeDeploySchema.model_validate(rendered)
+    routed, vllm = rendered["applications"]
+    assert (routed["name"], vllm["name"]) == ("openai", "openai-vllm")
+    assert vllm["route_prefix"] == "/engines/vllm"
+    assert vllm["import_path"] == "serve.engines.vllm:build_app"
+    (llm,) = vllm["args"]["llm_configs"]
+    assert llm["model_loading_config"]["model_id"] == "llama"
+    assert vllm["args"]["api_keys"]["file"] == "/etc/rayplane/api-keys"
+    stand_in = {m["name"]: m for m in routed["args"]["models"]}["llama"]
+    assert stand_in["engine"] == "openai-upstream"
+    assert stand_in["upstream"]["base_url"] == "http://127.0.0.1:8000/engines/vllm/v1"
+    assert stand_in["upstream"]["api_key"] == {"env": None, "file": "/etc/rayplane/api-keys",
+                                               "first": True}
+    doc.pop("api_keys")
+    doc["allow_unauthenticated"] = True
+    assert "api_keys: required beside vllm models" in refused(doc)
+
+
+def test_an_upstream_key_can_be_the_first_of_the_platforms_keys(tmp_path, monkeypatch):
+    from serve.engines.upstream_wire import KeySource
+
+    keys = tmp_path / "keys"
+    keys.write_text("# rotated 2026-11-30\nrp-first\nrp-second\n")
+    assert KeySource({"file": str(keys), "first": True}).get() == "rp-first"
+    monkeypatch.setenv("KEYS", " rp-a, rp-b")
+    assert KeySource({"env": "KEYS", "first": True}).get() == "rp-a"
+    assert KeySource({"env": "KEYS"}).get() == "rp-a, rp-b"

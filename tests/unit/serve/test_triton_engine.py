@@ -93,31 +93,25 @@ def test_tritons_own_metrics_count_the_requests(engine):
     assert float(line.rsplit(" ", 1)[1]) >= 2
 
 
-def test_a_dead_server_fails_health_and_requests_with_a_retryable_503():
+def test_a_dead_server_fails_health_and_requests_with_a_retryable_503(engine):
+    """Last of the module's tests on ``engine``: its server is killed here."""
     from serve.engines.base import EngineError
-    from serve.engines.triton import TritonEngine
 
-    engine = TritonEngine(tm.cached_tiny_model("1"), url=None, model_name="llm",
-                          label="unit-dead", stream_interval_ms=0)
-    try:
-        (server,) = [p for p in pids_with("tritonserver", str(engine.process.work))
-                     if Path(f"/proc/{p}/exe").resolve().name == "tritonserver"]
-        os.kill(server, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while engine.failure() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert "tritonserver" in (engine.failure() or "")
+    (server,) = pids_with(str(engine.process.work), exe="tritonserver")
+    os.kill(server, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while engine.failure() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "tritonserver" in (engine.failure() or "")
 
-        async def ask():
-            return await serving(engine).chat(ChatCompletionRequest(
-                model="tiny", messages=tm.GREETING, max_tokens=3), "d")
+    async def ask():
+        return await serving(engine).chat(ChatCompletionRequest(
+            model="tiny", messages=tm.GREETING, max_tokens=3), "d")
 
-        with pytest.raises(EngineError) as err:
-            asyncio.run(ask())
-        assert err.value.status == 503 and err.value.code == "triton_unavailable"
-        assert err.value.retry_after
-    finally:
-        engine.process.stop()
+    with pytest.raises(EngineError) as err:
+        asyncio.run(ask())
+    assert err.value.status == 503 and err.value.code == "triton_unavailable"
+    assert err.value.retry_after
 
 
 OWNER = """
@@ -137,14 +131,14 @@ def test_the_server_of_a_killed_replica_stops_and_its_files_go():
                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[3])
     try:
         work = owner.stdout.readline().strip()
-        assert work and pids_with("tritonserver", work)
+        assert work and pids_with(work, exe="tritonserver")
     finally:
         owner.kill()
         owner.wait()
     deadline = time.monotonic() + 20
-    while pids_with("tritonserver", work) and time.monotonic() < deadline:
+    while pids_with(work, exe="tritonserver") and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not pids_with("tritonserver", work)
+    assert not pids_with(work, exe="tritonserver")
     while Path(work).exists() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not Path(work).exists()

@@ -38,7 +38,7 @@ def error(**over) -> str:
     return msg
 
 
-@pytest.mark.parametrize("name", ["ci.yaml", "demo.yaml"])
+@pytest.mark.parametrize("name", ["ci.yaml", "ci-demo.yaml", "demo.yaml"])
 def test_shipped_configs_load(name, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     c = TrainConfig.load(CONFIGS / name)
