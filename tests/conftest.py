@@ -98,3 +98,18 @@ def dead_mlflow() -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return f"http://127.0.0.1:{port}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The figures the tests measured (``record_property``: requests lost to a fault, seconds
+    to recover), printed after the run so that the CI log keeps them."""
+    rows = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if getattr(report, "when", None) == "call" and getattr(report, "user_properties",
+                                                                    None):
+                rows[report.nodeid] = report.user_properties
+    if rows:
+        terminalreporter.section("measured")
+        for nodeid, props in sorted(rows.items()):
+            terminalreporter.write_line(f"{nodeid}: " + ", ".join(f"{k}={v}" for k, v in props))
