@@ -9,6 +9,9 @@ ITL, TPOT and end-to-end latency (p50/p99) and failures -- and, in the same run,
   (``rayplane up`` first; its Serve ingress, HAProxy or Ray's proxy, is printed) in each
   ingress mode (``--ingress``), beside ``bench.floor:app``, an empty deployment whose latency
   is Serve's own floor on this cluster;
+- ``serve/triton`` (``--ingress router,triton``): the same model on the ``triton`` engine
+  behind the router, a Triton server (nvidia-pytriton's, Python backend over the CPU engine)
+  that the replica starts, spoken to over KServe v2 gRPC;
 - the batching ceiling: the engine's decode step run directly on 1 and on 16 sequences, the
   most any server of this engine can gain from batching on this machine;
 - where the CPU goes at 16 clients (``CpuMeter``, Linux): cores used by the engine thread, the
@@ -82,7 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="Write the results here.")
     parser.add_argument("--skip-serve", action="store_true", help="Baselines only.")
     parser.add_argument("--ingress", type=lambda v: v.split(","), default=["router", "direct"],
-                        help="Serve ingress modes to measure, comma-separated.")
+                        help="Serve apps to measure, comma-separated: router, direct (the cpu "
+                             "engine's ingress modes), triton (the triton engine, router).")
     parser.add_argument("--rounds", type=int, default=2, help="Rounds of all systems.")
     parser.add_argument("--niceness", type=int, default=15,
                         help="Run clients and baselines at Ray workers' niceness (15).")
@@ -208,6 +212,15 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
             for mode, url in apps.items():
                 serve_runs(row, mode, url, key, args, report)
+            if "triton" in apps and "router" in apps:
+                c = args.concurrency
+                row["triton_vs_cpu"] = {
+                    "tokens_per_s": round(row[f"serve/triton_{c}"].output_tokens_per_s
+                                          / row[f"serve/router_{c}"].output_tokens_per_s, 2),
+                    "ttft_ms_p50": round(row[f"serve/triton_{c}"].ttft_ms_p50
+                                         - row[f"serve/router_{c}"].ttft_ms_p50, 1)}
+                print(f"triton vs cpu engine (router, c={c}): "
+                      f"{json.dumps(row['triton_vs_cpu'])}", flush=True)
             rounds.append(row)
     finally:
         stop(proc)

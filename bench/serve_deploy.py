@@ -1,7 +1,8 @@
 """The benchmark's apps on the local platform, deployed with serve's own deploy library
-(``serve.deploy``): the OpenAI app in an ingress mode (``bench-router``, ``bench-direct``) and
-the empty ``bench-floor`` app (bench/floor.py); removed again at the end, keeping the cluster's
-other applications."""
+(``serve.deploy``): the OpenAI app in an ingress mode (``bench-router``, ``bench-direct``), the
+same model on the ``triton`` engine behind the router (``bench-triton``: a Triton server the
+replica starts) and the empty ``bench-floor`` app (bench/floor.py); removed again at the end,
+keeping the cluster's other applications."""
 
 from __future__ import annotations
 
@@ -34,11 +35,13 @@ def attach(state_dir: Path | None) -> tuple[LocalCluster, ServeTarget]:
 
 def bench_config(*, mode: str, folder: Path, pool: str, max_num_seqs: int,
                  api_key_file: Path) -> ServeAppConfig:
-    """The OpenAI app over the bench's model folder, in ingress ``mode``."""
+    """The OpenAI app over the bench's model folder, in ingress ``mode`` (``triton``: the
+    router in front of the triton engine)."""
+    engine = "triton" if mode == "triton" else "cpu"
     return ServeAppConfig.parse({
-        "ingress": {"mode": mode},
+        "ingress": {"mode": "router" if mode == "triton" else mode},
         "name": f"bench-{mode}", "route_prefix": f"/bench-{mode}",
-        "models": [{"name": MODEL, "source": str(folder), "pool": pool, "engine": "cpu",
+        "models": [{"name": MODEL, "source": str(folder), "pool": pool, "engine": engine,
                     "max_num_seqs": max_num_seqs,
                     "autoscaling": {"min_replicas": 1, "max_replicas": 1,
                                     "target_ongoing_requests": 16}}],

@@ -60,6 +60,15 @@ class UpstreamServer:
                 self.process.wait(5)
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the test session that started it ends, even
+    killed outright (no fixture teardown then), so no server outlives its tests."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1  # noqa: N806 - linux/prctl.h
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -91,7 +100,7 @@ def start_upstream(model_dir: str | Path, *, port: int | None = None,
         proc = subprocess.Popen(
             [*_executable(), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
              "--device", "cpu"], stdout=out, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True)
+            start_new_session=True, preexec_fn=_die_with_parent)
     server = UpstreamServer(f"http://127.0.0.1:{port}/v1", str(model_dir), proc, log)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
