@@ -95,6 +95,19 @@ def _rpc_error(err, model: str) -> EngineError:
                        type="service_unavailable", code="triton_error")
 
 
+def finish_reason(raw: bytes, model: str) -> str | None:
+    """A response's ``finish_reason``: None while the sequence runs (the vLLM backend sends
+    the string ``None`` then; rayplane's Python backend an empty one), ``stop`` or ``length``
+    at its end; any other (vLLM's ``abort``) fails the request."""
+    reason = raw.decode() if isinstance(raw, bytes) else str(raw)
+    if reason in ("", "None"):
+        return None
+    if reason in ("stop", "length"):
+        return reason
+    raise EngineError(f"the Triton server of model {model} ended the sequence: {reason}",
+                      status=500, type="internal_server_error", code="triton_error")
+
+
 class TritonEngine:
     """The engine interface over one model of a Triton server."""
 
@@ -161,7 +174,6 @@ class TritonEngine:
         server batches the tokens of ``stream_interval_ms``); ``coalesce_s = inf`` asks for
         one response. Closing the generator cancels the gRPC stream, and with it the
         sequence on the server."""
-
         budget = max_tokens if max_tokens is not None else self.check(prompt_ids, params)
         self.ensure_capacity()
         prompt = self.tokenizer.decode(prompt_ids, skip_special_tokens=False)
@@ -184,7 +196,8 @@ class TritonEngine:
                     raise _triton_error(error, self.model_name)
                 self.responses += 1
                 count = int(result.as_numpy("num_output_tokens").reshape(-1)[0])
-                reason = result.as_numpy("finish_reason").reshape(-1)[0].decode() or None
+                reason = finish_reason(result.as_numpy("finish_reason").reshape(-1)[0],
+                                       self.model_name)
                 done += count
                 if first_token_s is None and count:
                     first_token_s = time.perf_counter() - start
@@ -227,4 +240,4 @@ class TritonEngine:
             self.process.stop()
 
 
-__all__ = ["TritonEngine", "request_inputs"]
+__all__ = ["TritonEngine", "finish_reason", "request_inputs"]

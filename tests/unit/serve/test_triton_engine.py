@@ -142,3 +142,16 @@ def test_the_server_of_a_killed_replica_stops_and_its_files_go():
     while Path(work).exists() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not Path(work).exists()
+
+
+def test_finish_reasons_of_both_backends_are_read_alike():
+    """rayplane's Python backend sends "" while a sequence runs, the vLLM backend the string
+    "None"; either ends with stop or length, and vLLM's abort fails the request."""
+    from serve.engines.base import EngineError
+    from serve.engines.triton import finish_reason
+
+    assert [finish_reason(r, "m") for r in (b"", b"None", b"stop", b"length")] == \
+        [None, None, "stop", "length"]
+    with pytest.raises(EngineError) as err:
+        finish_reason(b"abort", "m")
+    assert err.value.status == 500 and "abort" in err.value.message
