@@ -24,10 +24,9 @@ from serve.config import EngineKind, IngressMode, ModelSpec, ServeAppConfig
 from serve.engines.vllm_config import check_placement, llm_config_dict, validate_llm_config
 from serve.online_features import app_specs
 
-#: Import path of the application builder for each engine (``serve deploy``'s import_path).
+#: Import path of the application builder (``serve deploy``'s import_path): rayplane's own
+#: app, whose router serves cpu, triton and openai-upstream models alike, and Ray's vLLM app.
 APP_BUILDERS = {EngineKind.cpu: "serve.app:build_app",
-                EngineKind.triton: "serve.app:build_app",
-                EngineKind.openai_upstream: "serve.app:build_app",
                 EngineKind.vllm: "serve.engines.vllm:build_app"}
 #: Name of the CPU app's router deployment.
 INGRESS_DEPLOYMENT = "OpenAIIngress"
@@ -164,7 +163,7 @@ def cpu_application(config: ServeAppConfig, catalog: Catalog, ingress_pool: Pool
     app: dict[str, Any] = {
         "name": config.name,
         "route_prefix": config.route_prefix,
-        "import_path": APP_BUILDERS[config.engine],
+        "import_path": APP_BUILDERS[EngineKind.cpu],
         "args": app_args(config),
         "deployments": deployments,
     }

@@ -50,10 +50,6 @@ class EngineKind(StrEnum):
     openai_upstream = "openai-upstream"
 
 
-#: Engines rayplane's own ingress routes to (one application may mix them); vLLM models run
-#: behind Ray's own OpenAI ingress instead.
-ROUTED_ENGINES = frozenset({EngineKind.cpu, EngineKind.triton, EngineKind.openai_upstream})
-
 
 class IngressMode(StrEnum):
     #: One FastAPI ingress deployment routes by ``model`` to one deployment per model (as
@@ -419,7 +415,7 @@ class ServeAppConfig(Spec):
                 "replicas": self.ingress_replicas}
 
 
-__all__ = ["ROUTED_ENGINES", "ApiKeys", "Autoscaling", "EngineKind", "HttpSpec", "IngressMode",
+__all__ = ["ApiKeys", "Autoscaling", "EngineKind", "HttpSpec", "IngressMode",
            "IngressSpec", "ModelSpec", "OnlineFeaturesSpec", "RateLimits", "ServeAppConfig",
            "SourceKind", "TenantSpec", "check_api_keys", "check_tenants", "parse_registry_ref",
            "source_kind"]
