@@ -80,9 +80,17 @@ class CpuMeter:
         machine = used.pop("machine")
         used["rest of the machine (Ray, OS)"] = max(0.0, machine - sum(used.values()))
         tokens = summary.output_tokens_per_s * summary.duration_s
+
+        def per_token(seconds: float) -> float | None:
+            return round(seconds * 1000 / tokens, 4) if tokens else None
+
         return {"cores": {k: round(v / wall, 2) for k, v in used.items()},
                 "machine_cores_busy": round(machine / wall, 2),
-                "machine_cpu_ms_per_token": round(machine * 1000 / tokens, 4) if tokens else None,
+                "machine_cpu_ms_per_token": per_token(machine),
+                # Issue 16's "serving path": all the machine did for a token but the model's
+                # step (the clients, HTTP, Serve, Ray, the OS).
+                "engine_thread_ms_per_token": per_token(used["engine thread"]),
+                "serving_path_ms_per_token": per_token(machine - used["engine thread"]),
                 "cpus": os.cpu_count()}
 
 

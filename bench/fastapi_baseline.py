@@ -108,28 +108,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_fastapi(model_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
+def _die_with_parent() -> None:
+    """In the server's process before it runs: the kernel kills it when the bench dies, even
+    by SIGKILL (no ``finally`` runs then), so no server outlives its bench and slows the next
+    one. SIGKILL: the server holds nothing worth a graceful stop."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1  # noqa: N806 - linux/prctl.h
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def start_fastapi(model_dir: Path, log: Path, timeout: float = 180
+                  ) -> tuple[subprocess.Popen, str]:
+    """Start the server and wait (at most ``timeout`` s) until it answers; stopped again when
+    it fails to, or when the wait is cut short (a signal's SystemExit)."""
     import httpx
 
     port = free_port()
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "bench.fastapi_baseline", "--model",
                                  str(model_dir), "--port", str(port)], stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+                                stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
+                                preexec_fn=_die_with_parent)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the FastAPI baseline exited: {log.read_text()[-800:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return proc, f"{base}/v1"
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    raise RuntimeError("the FastAPI baseline did not start in 180 s")
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = [ln for ln in log.read_text().splitlines() if ln.strip()][-1:]
+                raise RuntimeError(f"the FastAPI baseline exited ({proc.returncode}): "
+                                   f"{tail[0] if tail else 'no output'}; see {log}")
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    return proc, f"{base}/v1"
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        raise RuntimeError(f"the FastAPI baseline did not answer within {timeout:.0f}s; "
+                           f"see {log}")
+    except BaseException:
+        stop(proc)
+        raise
 
 
 def stop(proc: subprocess.Popen) -> None:
+    """Stop the server's process group: SIGTERM, then SIGKILL after 15 s."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -43,26 +43,53 @@ async def http_request(client, model: str, max_tokens: int, stream: bool) -> Req
         return RequestResult(ok=False, error=f"{type(err).__name__}: {str(err)[:120]}")
 
 
+#: Seconds a whole run may take per output token it asks for (requests x max_tokens, as if
+#: one at a time), beyond a fixed minute: ten times what the demo-size model on a busy CPU
+#: needs, so only a stuck run (a replica that never answers) trips it.
+SECONDS_PER_TOKEN = 0.25
+
+
+class RunTimeout(Exception):
+    """A run did not finish within its budget (:func:`run_budget_s`); one line."""
+
+
+def run_budget_s(num_requests: int, max_tokens: int) -> float:
+    return 60 + num_requests * max(max_tokens, 1) * SECONDS_PER_TOKEN
+
+
 async def run_http(system: str, base_url: str, api_key: str, model: str, *, concurrency: int,
                    num_requests: int, max_tokens: int, stream: bool = True) -> Summary:
+    """One run; :class:`RunTimeout` when it (the warm-up request included) takes more than
+    :func:`run_budget_s` (each request also gives up after 300 s)."""
     import httpx
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=300,
                          http_client=httpx.AsyncClient(limits=httpx.Limits(
                              max_connections=concurrency * 2)))
-    await http_request(client, model, 4, stream)  # warm the connection and the path
-    sem = asyncio.Semaphore(concurrency)
 
-    async def one():
-        async with sem:
-            return await http_request(client, model, max_tokens, stream)
+    async def run() -> Summary:
+        await http_request(client, model, 4, stream)  # warm the connection and the path
+        sem = asyncio.Semaphore(concurrency)
 
-    start = time.perf_counter()
-    results = await asyncio.gather(*[one() for _ in range(num_requests)])
-    duration = time.perf_counter() - start
-    await client.close()
-    return summarize(system, concurrency, stream, results, duration)
+        async def one():
+            async with sem:
+                return await http_request(client, model, max_tokens, stream)
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*[one() for _ in range(num_requests)])
+        return summarize(system, concurrency, stream, results, time.perf_counter() - start)
+
+    budget = run_budget_s(num_requests + 1, max_tokens)
+    try:
+        return await asyncio.wait_for(run(), budget)
+    except TimeoutError:
+        raise RunTimeout(f"serve_bench: the {system} run (c={concurrency}, {num_requests} "
+                         f"requests of {max_tokens} tokens at {base_url}) did not finish "
+                         f"within {budget:.0f}s") from None
+    finally:
+        await client.close()
 
 
-__all__ = ["MESSAGES", "http_request", "run_http"]
+__all__ = ["MESSAGES", "SECONDS_PER_TOKEN", "RunTimeout", "http_request", "run_budget_s",
+           "run_http"]

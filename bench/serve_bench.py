@@ -26,7 +26,14 @@ greedy), so the systems do the same work; output tokens are counted from ``usage
 Without ``--model`` it builds a model of the demo's size (bench/model.py). The parts:
 bench/load.py (the clients), bench/in_process.py (the engine without HTTP), bench/cpu_meter.py,
 bench/fastapi_baseline.py, bench/serve_deploy.py (the apps on the local platform),
-bench/stats.py (the summaries).
+bench/stats.py (the summaries), bench/guard.py (what keeps it safe to run).
+
+Before deploying anything it checks that ``--pool`` has a free unit per app (one per
+``--ingress`` mode; leftover ``bench-*`` apps count as free and are removed first) and else
+exits at once (code 2) with one line naming the apps that hold the units and the
+``rayplane serve down`` that frees them. Each wait is bounded (``--deploy-timeout``, each
+run's budget from requests x max tokens), and on any exit, SIGTERM/SIGINT included, it stops
+the FastAPI server (which also dies with a SIGKILLed bench) and removes its ``bench-*`` apps.
 """
 
 from __future__ import annotations
@@ -41,14 +48,29 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+import httpx
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout without the editable install
     sys.path.insert(0, str(REPO))
 
 from bench.cpu_meter import CpuMeter  # noqa: E402
 from bench.fastapi_baseline import start_fastapi, stop  # noqa: E402
+from bench.guard import (  # noqa: E402
+    PREFIX,
+    Cleanup,
+    Fail,
+    TimeUp,
+    bounded,
+    free_units,
+    held_units,
+    hold_lock,
+    pool_units,
+    stuck_line,
+    units_line,
+)
 from bench.in_process import batching_ceiling, run_in_process  # noqa: E402
-from bench.load import run_http  # noqa: E402
+from bench.load import RunTimeout, run_http  # noqa: E402
 from bench.serve_deploy import (  # noqa: E402
     MODEL,
     attach,
@@ -58,6 +80,9 @@ from bench.serve_deploy import (  # noqa: E402
     remove_bench_apps,
 )
 from bench.stats import Summary  # noqa: E402
+from raycluster.errors import PlatformError  # noqa: E402
+from raycluster.spec import SpecError  # noqa: E402
+from serve.deploy import client, first_line  # noqa: E402
 
 
 def model_folder(spec: str | None, work: Path) -> Path:
@@ -88,6 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Serve apps to measure, comma-separated: router, direct (the cpu "
                              "engine's ingress modes), triton (the triton engine, router).")
     parser.add_argument("--rounds", type=int, default=2, help="Rounds of all systems.")
+    parser.add_argument("--deploy-timeout", type=float, default=300,
+                        help="Seconds each Serve app may take to be RUNNING.")
     parser.add_argument("--niceness", type=int, default=15,
                         help="Run clients and baselines at Ray workers' niceness (15).")
     return parser.parse_args(argv)
@@ -168,8 +195,89 @@ def serve_runs(row: dict, mode: str, url: str, key: str, args, report: Reporter)
     print(mode, json.dumps(ratios), flush=True)
 
 
+def check_units(args) -> str:
+    """Fail (one line) unless ``--pool`` has a free unit for each app, before anything is
+    deployed or built; then remove the ``bench-*`` apps an earlier, killed run left (counted
+    as free). Returns the platform's Serve ingress (HAProxy or Ray's proxy)."""
+    cluster, target = attach(args.state_dir)
+    args.lock = hold_lock(cluster.state_dir / "serve_bench.lock")
+    try:
+        pool = cluster.catalog.pool(args.pool, field="--pool")
+    except Exception as err:  # noqa: BLE001 - SpecError, already one line
+        raise Fail(f"serve_bench: {err}") from None
+    try:
+        with bounded(30, "reading the cluster's Serve apps and units"):
+            details = client(target).get_serve_details()
+            used, total = pool_units(cluster, pool.ray_resource)
+    except Exception as err:  # noqa: BLE001 - TimeUp, PlatformError, the dashboard's errors
+        raise Fail(f"serve_bench: {first_line(str(err))}") from None
+    if pool.has_gpu:  # a model replica there takes one unit (on a CPU pool, its cores)
+        held = held_units(details, pool.ray_resource)
+        line = units_line(args.pool, args.ingress, total, free_units(total, used, held), held,
+                          args.state_dir)
+        if line:
+            raise Fail(line)
+    leftovers = [a for a in details.get("applications") or {} if a.startswith(PREFIX)]
+    if leftovers:
+        print(f"serve_bench: removing {', '.join(leftovers)} (left by an earlier run)",
+              flush=True)
+        try:
+            with bounded(180, f"removing {', '.join(leftovers)}"):
+                remove_bench_apps(args.state_dir)
+        except Exception as err:  # noqa: BLE001 - as above
+            raise Fail(f"serve_bench: {first_line(str(err))}") from None
+    return cluster.serve_proxy
+
+
+def deploy_apps(args, folder: Path) -> tuple[dict[str, str], str, str]:
+    """The bench's apps, each RUNNING within ``--deploy-timeout`` s, else Fail with one line
+    from Serve's details (what its replicas wait for): (mode -> base URL, API key, floor
+    URL)."""
+    apps: dict[str, str] = {}
+    key = floor_url = ""
+    for mode in [*args.ingress, "floor"]:
+        name = f"{PREFIX}{mode}"
+        try:
+            with bounded(args.deploy_timeout, f"deploying {name}"):
+                if mode == "floor":
+                    floor_url = deploy_floor_app(args.state_dir, timeout=args.deploy_timeout)
+                else:
+                    apps[mode], key = deploy_bench_app(args.state_dir, folder, mode,
+                                                       pool=args.pool,
+                                                       max_num_seqs=args.concurrency)
+        except (PlatformError, SpecError) as err:  # a failed replica, a bad config: one line
+            raise Fail(f"serve_bench: {err}") from None
+        except TimeUp:
+            try:
+                with bounded(30, "reading Serve's details"):
+                    details = client(attach(args.state_dir)[1]).get_serve_details()
+            except Exception as err:  # noqa: BLE001 - the line says so instead
+                raise Fail(f"serve_bench: {name} is not RUNNING after "
+                           f"{args.deploy_timeout:.0f}s; Serve's details: "
+                           f"{first_line(str(err))}") from None
+            raise Fail(stuck_line(details, name, args.deploy_timeout)) from None
+    return apps, key, floor_url
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    cleanup = Cleanup()
+    cleanup.install()
+    try:
+        return bench(args, cleanup)
+    except (Fail, RunTimeout) as err:
+        print(err, file=sys.stderr, flush=True)
+        return 2
+    finally:
+        cleanup.run()
+
+
+def bench(args, cleanup: Cleanup) -> int:
+    serve_proxy = None
+    if not args.skip_serve:
+        serve_proxy = check_units(args)
+        cleanup.add("removing the bench-* Serve apps", lambda: remove_bench_apps(args.state_dir),
+                    timeout=180)
     # Ray starts its workers (Serve's proxy and replicas among them) at niceness 15
     # (RAY_worker_niceness). On a shared machine a nice-0 baseline would get the CPU first:
     # every system and client runs at the same niceness (the FastAPI server inherits it).
@@ -179,53 +287,46 @@ def main(argv: list[str] | None = None) -> int:
     folder = model_folder(args.model, work)
     report = Reporter()
 
-    # The Serve app first (deploying takes a while), then rounds of all systems back to back:
+    # The Serve apps first (deploying takes a while), then rounds of all systems back to back:
     # the machine's load drifts, so each round's ratios compare runs minutes apart at most.
     from serve.engines.cpu import CPUEngine
 
     engine = CPUEngine(folder, max_num_seqs=args.concurrency, num_threads=1)  # as a replica's
     proc, fastapi_url = start_fastapi(folder, work / "fastapi.log")
+    cleanup.add("stopping the FastAPI baseline", lambda: stop(proc), timeout=30)
     apps: dict[str, str] = {}  # ingress mode -> OpenAI base URL
-    key = floor_url = serve_proxy = None
-    deployed = False
+    key = floor_url = None
     rounds = []
-    try:
-        if not args.skip_serve:
-            serve_proxy = attach(args.state_dir)[0].serve_proxy
-            deployed = True
-            for mode in args.ingress:
-                apps[mode], key = deploy_bench_app(args.state_dir, folder, mode, pool=args.pool,
-                                                   max_num_seqs=args.concurrency)
-            floor_url = deploy_floor_app(args.state_dir)
-            print(f"Serve ingress: {serve_proxy} (rayplane up --serve-proxy)", flush=True)
-        for r in range(args.rounds):
-            print(f"-- round {r + 1}/{args.rounds} (load average {os.getloadavg()[0]:.1f})")
-            row: dict = {}
-            baselines(row, engine, fastapi_url, args, report)
-            if apps:
-                # Transport alone: one output token, so the decode loop is out of the sum.
-                row["in_process_1tok"] = asyncio.run(run_in_process(
-                    engine, num_requests=2 * args.single_requests, max_tokens=1))
+    if not args.skip_serve:
+        apps, key, floor_url = deploy_apps(args, folder)
+        print(f"Serve ingress: {serve_proxy} (rayplane up --serve-proxy)", flush=True)
+    for r in range(args.rounds):
+        print(f"-- round {r + 1}/{args.rounds} (load average {os.getloadavg()[0]:.1f})")
+        row: dict = {}
+        baselines(row, engine, fastapi_url, args, report)
+        if apps:
+            # Transport alone: one output token, so the decode loop is out of the sum.
+            row["in_process_1tok"] = asyncio.run(run_in_process(
+                engine, num_requests=2 * args.single_requests, max_tokens=1))
+            try:
                 row["serve_floor_ms_p50"] = floor_ms_p50(floor_url)
-                print(f"1-token in-process {row['in_process_1tok'].e2e_ms_p50:.2f} ms; Serve "
-                      f"floor (an empty deployment) {row['serve_floor_ms_p50']:.2f} ms p50",
-                      flush=True)
-            for mode, url in apps.items():
-                serve_runs(row, mode, url, key, args, report)
-            if "triton" in apps and "router" in apps:
-                c = args.concurrency
-                row["triton_vs_cpu"] = {
-                    "tokens_per_s": round(row[f"serve/triton_{c}"].output_tokens_per_s
-                                          / row[f"serve/router_{c}"].output_tokens_per_s, 2),
-                    "ttft_ms_p50": round(row[f"serve/triton_{c}"].ttft_ms_p50
-                                         - row[f"serve/router_{c}"].ttft_ms_p50, 1)}
-                print(f"triton vs cpu engine (router, c={c}): "
-                      f"{json.dumps(row['triton_vs_cpu'])}", flush=True)
-            rounds.append(row)
-    finally:
-        stop(proc)
-        if deployed:
-            remove_bench_apps(args.state_dir)
+            except (TimeoutError, httpx.HTTPError) as err:
+                raise Fail(f"serve_bench: the floor app: {err}") from None
+            print(f"1-token in-process {row['in_process_1tok'].e2e_ms_p50:.2f} ms; Serve "
+                  f"floor (an empty deployment) {row['serve_floor_ms_p50']:.2f} ms p50",
+                  flush=True)
+        for mode, url in apps.items():
+            serve_runs(row, mode, url, key, args, report)
+        if "triton" in apps and "router" in apps:
+            c = args.concurrency
+            row["triton_vs_cpu"] = {
+                "tokens_per_s": round(row[f"serve/triton_{c}"].output_tokens_per_s
+                                      / row[f"serve/router_{c}"].output_tokens_per_s, 2),
+                "ttft_ms_p50": round(row[f"serve/triton_{c}"].ttft_ms_p50
+                                     - row[f"serve/router_{c}"].ttft_ms_p50, 1)}
+            print(f"triton vs cpu engine (router, c={c}): "
+                  f"{json.dumps(row['triton_vs_cpu'])}", flush=True)
+        rounds.append(row)
     machine = {"host": platform.node(), "cpus": os.cpu_count(), "niceness": os.nice(0),
                "python": platform.python_version(), "load_avg_end": os.getloadavg()}
     if args.json:
