@@ -156,7 +156,10 @@ class ModelMetrics:
         failure: dict | None = None
         try:
             async for line in lines:
-                if failure is None and line.startswith(_ERROR_EVENT):
+                # A write may hold several events (serve/serving.py); the error event starts
+                # one of them (JSON escapes every quote inside a string, so text cannot).
+                if failure is None and (line.startswith(_ERROR_EVENT)
+                                        or "\n\n" + _ERROR_EVENT in line):
                     failure = _error_of(line)
                 yield line
         except BaseException as err:
@@ -169,8 +172,10 @@ class ModelMetrics:
 
 
 def _error_of(line: str) -> dict:
+    """The ``error`` object of the error event in ``line`` (one or more events)."""
+    event = line[line.index(_ERROR_EVENT):].split("\n\n", 1)[0]
     try:
-        return json.loads(line[len("data: "):])["error"] or {}
+        return json.loads(event[len("data: "):])["error"] or {}
     except (ValueError, KeyError, TypeError):
         return {}
 

@@ -27,12 +27,15 @@ def chat(**kw) -> ChatCompletionRequest:
                                                  "temperature": 0, **kw})
 
 
-def sse_events(lines: list[str]) -> list:
+def sse_events(writes: list[str]) -> list:
+    """The events of a stream's writes (a write may hold several)."""
     out = []
-    for line in lines:
-        assert line.startswith("data: ") and line.endswith("\n\n")
-        payload = line[len("data: "):-2]
-        out.append(payload if payload == "[DONE]" else json.loads(payload))
+    for write in writes:
+        assert write.startswith("data: ") and write.endswith("\n\n")
+        for event in write[:-2].split("\n\n"):
+            assert event.startswith("data: ")
+            payload = event[len("data: "):]
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
     return out
 
 
@@ -111,6 +114,21 @@ def test_chat_stream_shape_and_usage(serving):
     assert all(c["choices"][0]["finish_reason"] is None for c in body[:-1])
     assert all(c["usage"] is None for c in body)
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == full["usage"]
+
+
+def test_events_without_text_ride_with_the_next_write(serving):
+    """Every write costs the same whatever it carries (issue 16): the role chunk goes out
+    with the first text, the finish and usage chunks with [DONE]; each other write is text."""
+    writes = asyncio.run(collect(serving.chat_stream(
+        chat(stream=True, stream_options={"include_usage": True}))))
+    first, last = sse_events(writes[:1]), sse_events(writes[-1:])
+    assert first[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert len(first) == 2 and first[1]["choices"][0]["delta"]["content"]
+    assert last[-1] == "[DONE]" and last[-2]["usage"]["completion_tokens"] > 0
+    assert last[-3]["choices"][0]["finish_reason"] == "stop"
+    middle = sse_events(writes[1:-1])
+    assert len(middle) == len(writes) - 2
+    assert all(e["choices"][0]["delta"]["content"] for e in middle)
 
 
 def test_tool_calls_and_tool_choice_none(serving):

@@ -61,7 +61,7 @@ def test_greedy_answer_usage_and_stream_match_the_cpu_engine(engine):
     assert full["choices"][0]["finish_reason"] == "stop"
     text = engine.tokenizer.encode(tm.GREETING_REPLY, add_special_tokens=False)
     assert full["usage"]["completion_tokens"] == len(text) + 1  # EOS counted, as vLLM does
-    assert lines[-1] == "data: [DONE]\n\n" and len(lines) > 4  # streamed, token by token
+    assert lines[-1].endswith("data: [DONE]\n\n") and len(lines) > 4  # token by token
     assert card_of(engine)["engine"] == "triton"
 
 
