@@ -109,40 +109,22 @@ class ModelMetrics:
         self.prompt_tokens = metrics.Counter(
             "rayplane_serve_prompt_tokens", description="Prompt tokens processed.",
             tag_keys=tags)
-        # Timings wait here until a request's last write is out (flush): a Ray metric call
-        # drops and retakes the GIL, which the engine's step thread holds most of the time,
-        # so each one on the token path could stall the stream (issue 16). Token counts
-        # are summed (a counter loses nothing by it).
-        self._pending: list[tuple[Any, float]] = []
-        self._tokens = [0, 0]  # output, prompt
 
     # -- the observer ------------------------------------------------------------------
 
     def first_token(self, seconds: float) -> None:
-        self._pending.append((self.ttft, seconds))
+        self.ttft.observe(seconds, self._tags)
 
     def inter_token(self, seconds: float) -> None:
-        self._pending.append((self.itl, seconds))
+        self.itl.observe(seconds, self._tags)
 
     def finished(self, prompt_tokens: int, completion_tokens: int, seconds: float,
                  first_token_s: float | None) -> None:
-        self._pending.append((self.latency, seconds))
+        self.latency.observe(seconds, self._tags)
+        self.output_tokens.inc(completion_tokens, self._tags)
+        self.prompt_tokens.inc(prompt_tokens, self._tags)
         if seconds > 0:
-            self._pending.append((self.tps, completion_tokens / seconds))
-        self._tokens[0] += completion_tokens
-        self._tokens[1] += prompt_tokens
-
-    def flush(self) -> None:
-        """Record what the requests observed so far (each request's end calls it, so nothing
-        waits longer than the longest request)."""
-        pending, self._pending = self._pending, []
-        for metric, value in pending:
-            metric.observe(value, self._tags)
-        (output, prompt), self._tokens = self._tokens, [0, 0]
-        if output:
-            self.output_tokens.inc(output, self._tags)
-        if prompt:
-            self.prompt_tokens.inc(prompt, self._tags)
+            self.tps.observe(completion_tokens / seconds, self._tags)
 
     # -- request outcomes --------------------------------------------------------------
 
@@ -165,8 +147,6 @@ class ModelMetrics:
         except BaseException as err:
             self._failed(err)
             raise
-        finally:
-            self.flush()
         self.outcome(200)
         return result
 
@@ -185,8 +165,6 @@ class ModelMetrics:
         except BaseException as err:
             self._failed(err)
             raise
-        finally:  # after the last write went out (or the client left)
-            self.flush()
         if failure is None:
             self.outcome(200)
         else:
