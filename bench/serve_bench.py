@@ -169,11 +169,18 @@ def serve_runs(row: dict, mode: str, url: str, key: str, args, report: Reporter)
     if cpu:
         print(f"CPU at c={c} (cores): {json.dumps(cpu['cores'])}; machine "
               f"{cpu['machine_cores_busy']} of {cpu['cpus']}, "
-              f"{cpu['machine_cpu_ms_per_token']} ms per token", flush=True)
+              f"{cpu['machine_cpu_ms_per_token']} ms per token, of which the serving path "
+              f"(all but the engine thread) {cpu['serving_path_ms_per_token']}", flush=True)
     one_token = row[f"{system}_unary_1tok"] = report(asyncio.run(run_http(
         system, url, key, MODEL, concurrency=1, num_requests=2 * single, max_tokens=1,
         stream=False)))
     ratios = row[f"ratios_{mode}"] = {
+        # Issue 16's goals: >= 0.8 (direct) / 0.7 (router); the serving path's CPU per token
+        # <= 0.1 / 0.15 ms; one token through Serve <= +5 ms p50 (http_added_ms_p50_1_token).
+        "serve_tokens_per_s_vs_in_process_16": round(
+            row[f"{system}_{c}"].output_tokens_per_s
+            / row["in_process_c"].output_tokens_per_s, 2),
+        "serving_path_ms_per_token": (cpu or {}).get("serving_path_ms_per_token"),
         "serve_tokens_per_s_vs_in_process_1": round(
             row[f"{system}_{c}"].output_tokens_per_s / row["in_process"].output_tokens_per_s,
             2),

@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,31 +56,49 @@ from bench.serve_deploy import (  # noqa: E402
 )
 from serve.deploy import client  # noqa: E402
 
-#: Ray Serve's per-request switches, each measured alone against Ray's default (what
-#: ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` turns on together; ray/serve/_private/constants.py).
-#: ``RAY_SERVE_THROUGHPUT_OPTIMIZED=0`` in both: each switch then keeps its own default.
-_OFF = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
-LEVERS: dict[str, tuple[dict[str, str], dict[str, str], str]] = {
-    "throughput-optimized": (_OFF, {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
-                             "all of Serve's throughput settings together"),
-    "user-code-on-loop": ({**_OFF, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"},
-                          {**_OFF, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
-                          "the app's code on the replica's event loop, not a thread of its own"),
-    "log-buffer": ({**_OFF, "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"},
-                   {**_OFF, "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000"},
-                   "request-path log lines written 1000 at a time"),
-    "no-stderr-log": ({**_OFF, "RAY_SERVE_LOG_TO_STDERR": "1"},
-                      {**_OFF, "RAY_SERVE_LOG_TO_STDERR": "0"},
-                      "replica logs to their file only, not also to stderr"),
-    "router-same-loop": ({**_OFF, "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"},
-                         {**_OFF, "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"},
-                         "handles route on the caller's loop (router mode)"),
-    "grpc-handles": ({**_OFF, "RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"},
-                     {**_OFF, "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"},
-                     "handle calls over gRPC instead of Ray actor calls (router mode)"),
-    "uvloop": ({"RAY_USE_UVLOOP": "0"}, {"RAY_USE_UVLOOP": "1"},
-               "uvloop as the replica's event loops (Ray's default when installed)"),
-}
+#: Ray Serve's per-request switches at Ray's defaults (ray/serve/_private/constants.py), the
+#: "before" of every Serve lever: each is then measured alone, whatever rayplane renders
+#: (serve.builder.SERVE_REPLICA_ENV, which turns the winners on, is one more lever).
+RAY_DEFAULTS = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
+                "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1",
+                "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+                "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
+                "RAY_SERVE_LOG_TO_STDERR": "1",
+                "RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}
+
+
+def _lever(doc: str, **after: str) -> tuple[dict[str, str], dict[str, str], str]:
+    return RAY_DEFAULTS, {**RAY_DEFAULTS, **after}, doc
+
+
+def _levers() -> dict[str, tuple[dict[str, str], dict[str, str], str]]:
+    from serve.builder import SERVE_REPLICA_ENV
+
+    return {
+        # Serve reads its switches without the umbrella's defaults once it is on.
+        "throughput-optimized": (RAY_DEFAULTS, {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+                                 "all of Serve's throughput settings together"),
+        "rayplane-serve-env": _lever("the Serve settings rayplane renders (SERVE_REPLICA_ENV)",
+                                     **SERVE_REPLICA_ENV),
+        "user-code-on-loop": _lever("the app's code on the replica's event loop, not a thread "
+                                    "of its own",
+                                    RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD="0"),
+        "log-buffer": _lever("request-path log lines written 1000 at a time",
+                             RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE="1000"),
+        "no-stderr-log": _lever("replica logs to their file only, not also to stderr",
+                                RAY_SERVE_LOG_TO_STDERR="0"),
+        "router-same-loop": _lever("handles route on the caller's loop (router mode)",
+                                   RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP="0"),
+        "grpc-handles": _lever("handle calls over gRPC instead of Ray actor calls (router "
+                               "mode)", RAY_SERVE_USE_GRPC_BY_DEFAULT="1"),
+        "uvloop": ({**RAY_DEFAULTS, "RAY_USE_UVLOOP": "0"},
+                   {**RAY_DEFAULTS, "RAY_USE_UVLOOP": "1"},
+                   "uvloop as the replica's event loops (Ray's default when installed)"),
+    }
+
+
+LEVERS = ("throughput-optimized", "rayplane-serve-env", "user-code-on-loop", "log-buffer",
+          "no-stderr-log", "router-same-loop", "grpc-handles", "uvloop")
 
 
 def _pairs(items: list[str], what: str) -> dict[str, str]:
@@ -124,7 +144,7 @@ def variants(args, work: Path) -> tuple[Variant, Variant, str]:
                                                                            "--after-env")
     what = []
     if args.lever:
-        b, a, doc = LEVERS[args.lever]
+        b, a, doc = _levers()[args.lever]
         before_env, after_env = {**b, **before_env}, {**a, **after_env}
         what.append(f"{args.lever}: {doc}")
     paths = {}
@@ -175,6 +195,11 @@ class Measure:
 
 def measure(app: str, url: str, key: str, args) -> Measure:
     c = 16
+    # The first app measured in a round ran behind the in-process engine's garbage and cold
+    # connections (its clients used 0.33 cores where the second's used 0.22): warm up and
+    # collect first, so the order inside a round does not pick the winner.
+    asyncio.run(run_http(app, url, key, MODEL, concurrency=c, num_requests=c, max_tokens=16))
+    gc.collect()
     with CpuMeter(app) as meter:
         many = asyncio.run(asyncio.wait_for(run_http(
             app, url, key, MODEL, concurrency=c, num_requests=args.requests,
@@ -214,9 +239,14 @@ def check_units(args) -> None:
     cluster, target = attach(args.state_dir)
     args.lock = hold_lock(cluster.state_dir / "serve_bench.lock")
     resource = cluster.catalog.pool(args.pool, field="--pool").ray_resource
-    held = held_units(client(target).get_serve_details(), resource)
-    used, total = pool_units(cluster, resource)
-    free = free_units(total, used, held)
+    deadline = time.monotonic() + 60
+    while True:  # Ray reports a removed app's units free a few seconds after it is gone
+        held = held_units(client(target).get_serve_details(), resource)
+        used, total = pool_units(cluster, resource)
+        free = free_units(total, used, held)
+        if free >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     if free < 2:
         others = ", ".join(f"`rayplane serve down {a}` ({a} holds {v:g})"
                            for a, v in sorted(held.items()) if not a.startswith(PREFIX))
