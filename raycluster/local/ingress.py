@@ -35,6 +35,11 @@ global
 defaults
     mode http
     option httplog
+    # Send each part of a response as it comes. Without it HAProxy held a token stream's
+    # small writes back (MSG_MORE) and a client got the whole stream at its end: TTFT
+    # equalled the request's duration (94-112 ms for 64 tokens instead of 25-45 ms). Serve's
+    # own HAProxy sets it too.
+    option http-no-delay
     timeout connect 2s
     timeout client {REQUEST_TIMEOUT_S}s
     timeout server {REQUEST_TIMEOUT_S}s

@@ -190,6 +190,21 @@ def test_stream_joins_to_non_stream_text_with_exact_usage(model, client, tokeniz
     assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
 
 
+def test_a_stream_reaches_the_client_while_it_is_generated(model, client, deployed):
+    """Through the platform's ingress the first text arrives long before the last: HAProxy
+    once held a stream's small writes back and a client got all of it at its end."""
+    limitation(deployed, "ignore_eos")
+    start, first = time.perf_counter(), None
+    for chunk in client.chat.completions.create(
+            model=model, messages=tm.GREETING, temperature=0, max_tokens=200, stream=True,
+            extra_body={"ignore_eos": True}):
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter() - start
+    total = time.perf_counter() - start
+    # 200 tokens take a few hundred ms; the first text goes out at the first token.
+    assert first is not None and total - first >= 0.05, (first, total)
+
+
 def test_max_tokens_gives_length_and_counts_exactly(model, client):
     r = client.chat.completions.create(model=model, messages=tm.GREETING, temperature=0,
                                        max_tokens=5)

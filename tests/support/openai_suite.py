@@ -16,6 +16,7 @@ UPSTREAM_LIMITS = {
     "context": "transformers serve does not refuse a prompt past the model's context",
     "counters": "an upstream's engine counters are not visible through its OpenAI API",
     "echo": "transformers serve ignores `echo` on /v1/completions",
+    "ignore_eos": "transformers serve refuses `ignore_eos` (422), so no stream of a set length",
     "unknown_fields": "transformers serve refuses fields it does not know (422 -> 400)",
 }
 
