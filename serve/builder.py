@@ -30,6 +30,17 @@ APP_BUILDERS = {EngineKind.cpu: "serve.app:build_app",
                 EngineKind.vllm: "serve.engines.vllm:build_app"}
 #: Name of the CPU app's router deployment.
 INGRESS_DEPLOYMENT = "OpenAIIngress"
+#: Ray Serve settings of every serving app's replicas (``runtime_env``: Serve reads them when
+#: a replica starts; in ``serveConfigV2`` they reach the RayService's replicas the same way).
+#: They are the parts of ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` that paid when measured one by one
+#: (docs/benchmarks.md, "Serving efficiency"; reasons in docs/serving.md), set one by one so
+#: that a Ray release changing what the umbrella switches does not change rayplane's serving.
+SERVE_REPLICA_ENV = {
+    # The app's code on the replica's own event loop: no thread hop per request and per write.
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    # The router's handle calls to model replicas over gRPC, not Ray actor calls.
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+}
 
 
 def to_serve_config(config: ServeAppConfig, catalog: Catalog) -> dict[str, Any]:
@@ -167,8 +178,7 @@ def cpu_application(config: ServeAppConfig, catalog: Catalog, ingress_pool: Pool
         "args": app_args(config),
         "deployments": deployments,
     }
-    if config.mlflow_tracking_uri:
-        app["runtime_env"] = {"env_vars": {"MLFLOW_TRACKING_URI": config.mlflow_tracking_uri}}
+    app["runtime_env"] = runtime_env(config)
     return app
 
 
@@ -207,9 +217,16 @@ def vllm_application(config: ServeAppConfig, catalog: Catalog) -> dict[str, Any]
     online = app_specs(config.models)
     if online:  # attached by serve/features_middleware.py inside the API-key check
         app["args"]["online_features"] = online
-    if config.mlflow_tracking_uri:
-        app["runtime_env"] = {"env_vars": {"MLFLOW_TRACKING_URI": config.mlflow_tracking_uri}}
+    app["runtime_env"] = runtime_env(config)
     return app
+
+
+def runtime_env(config: ServeAppConfig) -> dict[str, Any]:
+    """An app's ``runtime_env``: Serve's settings for its replicas and the tracking server."""
+    env = dict(SERVE_REPLICA_ENV)
+    if config.mlflow_tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = config.mlflow_tracking_uri
+    return {"env_vars": env}
 
 
 def _actor_resources(pool: Pool, cpus: float, units: float) -> dict[str, Any]:

@@ -85,6 +85,20 @@ def test_direct_ingress_is_one_deployment_on_the_model_pool(doc):
     assert built._bound_deployment.name == "model-chat"
 
 
+@pytest.mark.parametrize("engine", ["cpu", "vllm"])
+def test_every_serving_app_runs_with_the_serve_settings_that_won(doc, engine):
+    """Issue 16: the measured Serve settings reach the replicas through the app's runtime_env
+    (the same document locally and in the RayService's serveConfigV2), beside the tracking
+    server's address."""
+    from serve.builder import SERVE_REPLICA_ENV
+
+    doc["models"][0]["engine"] = engine
+    doc["mlflow_tracking_uri"] = "http://mlflow:5000"
+    env = app_of(doc)["runtime_env"]["env_vars"]
+    assert env == {**SERVE_REPLICA_ENV, "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    assert env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
+
+
 def test_cpu_engine_on_the_cpu_pool_takes_cores(doc):
     doc["models"][0].update(pool="cpu", cpus=2)
     model = next(d for d in app_of(doc)["deployments"] if d["name"] == "model-chat")
