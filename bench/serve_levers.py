@@ -106,7 +106,7 @@ def _pairs(items: list[str], what: str) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"{what}: {item!r} is not KEY=VALUE")
+            raise Fail(f"serve_levers: {what}: {item!r} is not KEY=VALUE")
         out[key] = value
     return out
 
@@ -151,13 +151,13 @@ def variants(args, work: Path) -> tuple[Variant, Variant, str]:
     for side in ("before", "after"):
         ref = getattr(args, f"{side}_ref")
         if ref:
-            paths[side] = worktree(ref, work / f"src-{side}")
+            paths[side] = worktree(ref, work / f"src-{side}", f"--{side}-ref")
             what.append(f"{side} = serve code of {ref}")
     if args.before_model or args.after_model:
         what.append(f"model {args.before_model} -> {args.after_model}")
     if not what:
-        raise SystemExit("serve_levers: nothing differs: give --lever, --*-env, --*-ref or "
-                         "--*-model")
+        raise Fail("serve_levers: nothing differs: give --lever, --before-/--after-env, "
+                   "-ref or -model")
     before = Variant("before", env=before_env, source_path=paths.get("before"),
                      model=_model_fields(_pairs(args.before_model, "--before-model")))
     after = Variant("after", env=after_env, source_path=paths.get("after"),
@@ -165,13 +165,13 @@ def variants(args, work: Path) -> tuple[Variant, Variant, str]:
     return before, after, "; ".join(what)
 
 
-def worktree(ref: str, path: Path) -> Path:
+def worktree(ref: str, path: Path, flag: str) -> Path:
     """A detached checkout of ``ref`` at ``path`` (removed by :func:`drop_worktree`)."""
     run = subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-f",
                           str(path), ref], capture_output=True, text=True, timeout=60,
                          check=False)
     if run.returncode != 0:
-        raise SystemExit(f"--*-ref {ref}: {run.stderr.strip().splitlines()[-1]}")
+        raise Fail(f"serve_levers: {flag} {ref}: {run.stderr.strip().splitlines()[-1]}")
     return path
 
 
@@ -238,7 +238,10 @@ def check_units(args) -> None:
     replaced)."""
     cluster, target = attach(args.state_dir)
     args.lock = hold_lock(cluster.state_dir / "serve_bench.lock")
-    resource = cluster.catalog.pool(args.pool, field="--pool").ray_resource
+    try:
+        resource = cluster.catalog.pool(args.pool, field="--pool").ray_resource
+    except Exception as err:  # noqa: BLE001 - SpecError, already one line naming the pools
+        raise Fail(f"serve_levers: {err}") from None
     deadline = time.monotonic() + 60
     while True:  # Ray reports a removed app's units free a few seconds after it is gone
         held = held_units(client(target).get_serve_details(), resource)
@@ -256,25 +259,25 @@ def check_units(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        check_units(args)
-    except Fail as err:
-        print(err, file=sys.stderr)
-        return 2
-    if args.niceness > os.nice(0):  # as Ray's workers (see bench/serve_bench.py)
-        os.nice(args.niceness - os.nice(0))
     work = Path(tempfile.mkdtemp(prefix="serve-levers-"))
-    before, after, what = variants(args, work)
     # SIGTERM (timeout, a CI cancel) cleans up as a normal exit does: the finally below.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    from bench.model import demo_size_model
-    from serve.engines.cpu import CPUEngine
-
-    print(f"lever: {what} ({args.mode} mode)", flush=True)
-    folder = demo_size_model(work / "bench-model")
-    engine = CPUEngine(folder, max_num_seqs=16, num_threads=1)
     rounds: list[dict] = []
     try:
+        try:
+            before, after, what = variants(args, work)
+            check_units(args)
+        except Fail as err:
+            print(err, file=sys.stderr)
+            return 2
+        if args.niceness > os.nice(0):  # as Ray's workers (see bench/serve_bench.py)
+            os.nice(args.niceness - os.nice(0))
+        from bench.model import demo_size_model
+        from serve.engines.cpu import CPUEngine
+
+        print(f"lever: {what} ({args.mode} mode)", flush=True)
+        folder = demo_size_model(work / "bench-model")
+        engine = CPUEngine(folder, max_num_seqs=16, num_threads=1)
         apps, key = deploy_variants(args.state_dir, folder, args.mode, [before, after],
                                     pool=args.pool, timeout=args.deploy_timeout)
         for r in range(args.rounds):
@@ -294,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"after {json.dumps(a['cores'])}", flush=True)
             rounds.append(row)
     finally:
-        remove_bench_apps(args.state_dir)
+        if getattr(args, "lock", None) is not None:  # the units were ours to use
+            remove_bench_apps(args.state_dir)
         for side in ("before", "after"):
             if (work / f"src-{side}").exists():
                 drop_worktree(work / f"src-{side}")
