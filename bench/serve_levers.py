@@ -31,6 +31,7 @@ import asyncio
 import gc
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -302,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         for side in ("before", "after"):
             if (work / f"src-{side}").exists():
                 drop_worktree(work / f"src-{side}")
+        shutil.rmtree(work, ignore_errors=True)  # the model built for this run
     print(f"\n{what} ({args.mode})\n\n{table(rounds)}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"lever": what, "mode": args.mode, "rounds": rounds},

@@ -42,3 +42,6 @@ def test_meter_puts_this_process_cpu_under_clients():
     assert (sum(cores.values()) - result["machine_cores_busy"]) * wall <= slack
     assert result["machine_cpu_ms_per_token"] == pytest.approx(
         result["machine_cores_busy"] * wall * 1000 / 100, rel=0.1)
+    # Issue 16's serving path is all the machine did but the engine thread: here, all of it.
+    assert result["engine_thread_ms_per_token"] == 0
+    assert result["serving_path_ms_per_token"] == result["machine_cpu_ms_per_token"]
