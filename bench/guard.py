@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 #: The bench's Serve apps are all named so (bench/serve_deploy.py); others are never touched.
 PREFIX = "bench-"
@@ -149,6 +152,48 @@ def pool_units(cluster, resource: str) -> tuple[float, float]:
     return used, total
 
 
+@dataclass
+class PoolUnits:
+    """A pool's units as a bench finds them: Serve's details, what each app holds, the
+    pool's total and what a bench may have (:func:`free_units`)."""
+
+    pool: Any  # raycluster.catalog.Pool
+    details: dict
+    held: dict[str, float]
+    total: float
+    free: float
+
+
+def read_pool_units(cluster, target, pool_name: str, prog: str, need: float = 0,
+                    wait_s: float = 60) -> PoolUnits:
+    """The units of pool ``pool_name`` on the local platform, or Fail (one line, ``prog``:
+    an unknown pool, an unreachable dashboard). While fewer than ``need`` are free it reads
+    again for up to ``wait_s`` seconds: Ray reports the units of an app just removed (the
+    previous bench's) as used for a few seconds more."""
+    from serve.deploy import client, first_line
+
+    try:
+        pool = cluster.catalog.pool(pool_name, field="--pool")
+    except Exception as err:  # noqa: BLE001 - SpecError, already one line naming the pools
+        raise Fail(f"{prog}: {err}") from None
+    if not pool.has_gpu:  # a CPU pool counts cores, which a bench app does not take whole
+        need = 0
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with bounded(30, "reading the cluster's Serve apps and units"):
+                details = client(target).get_serve_details()
+                used, total = pool_units(cluster, pool.ray_resource)
+        except Exception as err:  # noqa: BLE001 - TimeUp, PlatformError, the dashboard's
+            raise Fail(f"{prog}: {first_line(str(err))}") from None
+        held = held_units(details, pool.ray_resource)
+        free = free_units(total, used, held)
+        # Waiting helps only units that exist: a pool too small for ``need`` is said at once.
+        if free >= need or need > total or time.monotonic() > deadline:
+            return PoolUnits(pool, details, held, total, free)
+        time.sleep(2)
+
+
 def hold_lock(path: Path):
     """Take the platform's bench lock (``flock`` on ``path``, released when this process ends,
     even by SIGKILL) or Fail naming the bench that holds it: the ``bench-*`` apps of a bench
@@ -236,5 +281,6 @@ class Cleanup:
                       file=sys.stderr, flush=True)
 
 
-__all__ = ["PREFIX", "Cleanup", "Fail", "TimeUp", "bounded", "free_units", "held_units", "hold_lock",
-           "pool_units", "stuck_line", "units_line"]
+__all__ = ["PREFIX", "Cleanup", "Fail", "PoolUnits", "TimeUp", "bounded", "free_units",
+           "held_units", "hold_lock", "pool_units", "read_pool_units", "stuck_line",
+           "units_line"]

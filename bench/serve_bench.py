@@ -62,10 +62,8 @@ from bench.guard import (  # noqa: E402
     Fail,
     TimeUp,
     bounded,
-    free_units,
-    held_units,
     hold_lock,
-    pool_units,
+    read_pool_units,
     stuck_line,
     units_line,
 )
@@ -208,23 +206,13 @@ def check_units(args) -> str:
     as free). Returns the platform's Serve ingress (HAProxy or Ray's proxy)."""
     cluster, target = attach(args.state_dir)
     args.lock = hold_lock(cluster.state_dir / "serve_bench.lock")
-    try:
-        pool = cluster.catalog.pool(args.pool, field="--pool")
-    except Exception as err:  # noqa: BLE001 - SpecError, already one line
-        raise Fail(f"serve_bench: {err}") from None
-    try:
-        with bounded(30, "reading the cluster's Serve apps and units"):
-            details = client(target).get_serve_details()
-            used, total = pool_units(cluster, pool.ray_resource)
-    except Exception as err:  # noqa: BLE001 - TimeUp, PlatformError, the dashboard's errors
-        raise Fail(f"serve_bench: {first_line(str(err))}") from None
-    if pool.has_gpu:  # a model replica there takes one unit (on a CPU pool, its cores)
-        held = held_units(details, pool.ray_resource)
-        line = units_line(args.pool, args.ingress, total, free_units(total, used, held), held,
+    units = read_pool_units(cluster, target, args.pool, "serve_bench", need=len(args.ingress))
+    if units.pool.has_gpu:  # a model replica there takes one unit (on a CPU pool, its cores)
+        line = units_line(args.pool, args.ingress, units.total, units.free, units.held,
                           args.state_dir)
         if line:
             raise Fail(line)
-    leftovers = [a for a in details.get("applications") or {} if a.startswith(PREFIX)]
+    leftovers = [a for a in units.details.get("applications") or {} if a.startswith(PREFIX)]
     if leftovers:
         print(f"serve_bench: removing {', '.join(leftovers)} (left by an earlier run)",
               flush=True)

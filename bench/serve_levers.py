@@ -36,7 +36,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,7 +44,7 @@ if str(REPO) not in sys.path:  # run as a script from a checkout without the edi
     sys.path.insert(0, str(REPO))
 
 from bench.cpu_meter import CpuMeter  # noqa: E402
-from bench.guard import PREFIX, Fail, free_units, held_units, hold_lock, pool_units  # noqa: E402
+from bench.guard import PREFIX, Fail, hold_lock, read_pool_units  # noqa: E402
 from bench.in_process import run_in_process  # noqa: E402
 from bench.load import run_http  # noqa: E402
 from bench.serve_deploy import (  # noqa: E402
@@ -55,7 +54,6 @@ from bench.serve_deploy import (  # noqa: E402
     deploy_variants,
     remove_bench_apps,
 )
-from serve.deploy import client  # noqa: E402
 
 #: Ray Serve's per-request switches at Ray's defaults (ray/serve/_private/constants.py), the
 #: "before" of every Serve lever: each is then measured alone, whatever rayplane renders
@@ -239,23 +237,13 @@ def check_units(args) -> None:
     replaced)."""
     cluster, target = attach(args.state_dir)
     args.lock = hold_lock(cluster.state_dir / "serve_bench.lock")
-    try:
-        resource = cluster.catalog.pool(args.pool, field="--pool").ray_resource
-    except Exception as err:  # noqa: BLE001 - SpecError, already one line naming the pools
-        raise Fail(f"serve_levers: {err}") from None
-    deadline = time.monotonic() + 60
-    while True:  # Ray reports a removed app's units free a few seconds after it is gone
-        held = held_units(client(target).get_serve_details(), resource)
-        used, total = pool_units(cluster, resource)
-        free = free_units(total, used, held)
-        if free >= 2 or time.monotonic() > deadline:
-            break
-        time.sleep(2)
-    if free < 2:
+    units = read_pool_units(cluster, target, args.pool, "serve_levers", need=2)
+    if units.free < 2:
         others = ", ".join(f"`rayplane serve down {a}` ({a} holds {v:g})"
-                           for a, v in sorted(held.items()) if not a.startswith(PREFIX))
-        raise Fail(f"serve_levers: pool {args.pool} has {free:g} free units of {total:g} and a "
-                   f"lever needs 2 (before, after); free them: {others or 'see rayplane status'}")
+                           for a, v in sorted(units.held.items()) if not a.startswith(PREFIX))
+        raise Fail(f"serve_levers: pool {args.pool} has {units.free:g} free units of "
+                   f"{units.total:g} and a lever needs 2 (before, after); free them: "
+                   f"{others or 'see rayplane status'}")
 
 
 def main(argv: list[str] | None = None) -> int:
