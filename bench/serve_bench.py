@@ -43,6 +43,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 from dataclasses import asdict
@@ -279,6 +280,9 @@ def bench(args, cleanup: Cleanup) -> int:
     if args.niceness > os.nice(0):
         os.nice(args.niceness - os.nice(0))
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    # After the FastAPI server stops (steps run last added first): the built model and the
+    # server's log would otherwise stay in /tmp, one folder per run.
+    cleanup.add("removing the work folder", lambda: shutil.rmtree(work, ignore_errors=True))
     folder = model_folder(args.model, work)
     report = Reporter()
 
